@@ -1,0 +1,49 @@
+"""The embedded default: a synthetic topic corpus (DESIGN §5), written as jsonl + concepts.json."""
+
+import json
+import os
+import random
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import UserError
+from .grammar import concept_words, document, function_words
+
+DEFAULT_DOCS = 3600  # about 4.5 MB of text
+
+
+def doc_rng(seed: int, index: int, stream: str = "train") -> random.Random:
+    """Each document has its own generator, so any document can be produced alone."""
+    return random.Random(f"{stream}:{seed}:{index}")
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temporary name, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def write_synthetic_corpus(out: Path, docs: int = DEFAULT_DOCS, seed: int = 0, progress: bool = True) -> Path:
+    """Write out/corpus.jsonl (text, topics) and out/concepts.json. Same seed, same bytes."""
+    if docs < 1:
+        raise UserError(f"--docs must be >= 1, got {docs}")
+    out.mkdir(parents=True, exist_ok=True)
+    path, tmp = out / "corpus.jsonl", out / "corpus.jsonl.tmp"
+    with open(tmp, "w") as f:
+        for i in tqdm(range(docs), desc="synthetic corpus", unit="doc", disable=not progress):
+            f.write(json.dumps(document(doc_rng(seed, i))) + "\n")
+    os.replace(tmp, path)
+    write_json(out / "concepts.json", {"topics": concept_words(), "function_words": function_words(),
+                                       "seed": seed, "docs": docs})
+    return path
+
+
+def load_concepts(path: Path) -> dict[str, set[str]]:
+    """topic -> its words, from a concepts.json (or the directory holding one)."""
+    path = path / "concepts.json" if path.is_dir() else path
+    try:
+        return {k: set(v) for k, v in json.loads(path.read_text())["topics"].items()}
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot read concepts from {path}: {e}") from None
