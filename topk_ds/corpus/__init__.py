@@ -8,6 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..io import write_json
 from .grammar import concept_words, document, function_words
 
 DEFAULT_DOCS = 3600  # about 4.5 MB of text
@@ -16,13 +17,6 @@ DEFAULT_DOCS = 3600  # about 4.5 MB of text
 def doc_rng(seed: int, index: int, stream: str = "train") -> random.Random:
     """Each document has its own generator, so any document can be produced alone."""
     return random.Random(f"{stream}:{seed}:{index}")
-
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temporary name, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def write_synthetic_corpus(out: Path, docs: int = DEFAULT_DOCS, seed: int = 0, progress: bool = True) -> Path:
