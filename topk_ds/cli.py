@@ -41,10 +41,11 @@ def _add_config_commands(commands) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .corpus.cli import add_commands as corpus_commands
+    from .train.cli import add_commands as train_commands
 
     parser = Parser(prog="topk-ds", description="Train, convert, evaluate and analyse TopK language models.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for add in (corpus_commands, _add_config_commands):
+    for add in (corpus_commands, _add_config_commands, train_commands):
         add(commands)
     return parser
 

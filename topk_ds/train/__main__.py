@@ -1,0 +1,3 @@
+from .cli import launcher_main
+
+launcher_main()

@@ -1,0 +1,89 @@
+"""Rank discovery and preemption, in plain torch.distributed (DeepSpeed is confined to engine.py).
+
+Launchers set ranks differently: the `deepspeed` launcher and torchrun set RANK/WORLD_SIZE/
+LOCAL_RANK; OpenMPI, MPICH and SLURM set their own variables. We map those onto the first, so every
+launcher reaches init the same way (and a single-node mpirun stays on the loopback address); with
+no launcher at all the process is rank 0 of 1.
+"""
+
+import os
+import signal
+import socket
+
+import torch
+import torch.distributed as dist
+
+_SOURCES = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # OpenMPI
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),  # MPICH, Intel MPI
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),  # srun, one task per GPU
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def discover_ranks() -> None:
+    """Fill RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT when the launcher did not."""
+    env = os.environ
+    if "RANK" not in env:
+        for rank, size, local in _SOURCES:
+            if rank in env:
+                env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = env[rank], env[size], env.get(local, "0")
+                break
+        else:
+            env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = "0", "1", "0"
+            env.setdefault("MASTER_PORT", str(free_port()))
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29500")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True if `flag` is true on any rank (every rank gets the same answer)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    values = values.clone()
+    if dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+class Preemption:
+    """SIGTERM/SIGINT set a flag instead of killing the process; the loop checks it at the end of
+    every optimizer step (agreeing across ranks), saves a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.requested = None
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

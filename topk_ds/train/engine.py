@@ -1,0 +1,170 @@
+"""The one seam to DeepSpeed: the resolved DeepSpeed config, the model built sharded under
+zero.Init, the engine, the annealing hook, and the micro-step / eval / checkpoint calls the loop uses.
+
+The DeepSpeed JSON holds engine knobs only (ZeRO stage, offload, buckets, ...). Batch sizes,
+optimizer, LR schedule, clipping, precision and monitors come from our config and are filled in
+here; a JSON that sets one of them differently is an error, so there is one source of truth.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from ..config import Config
+from ..errors import UserError
+from ..model import Transformer
+from ..model.topk import alpha as alpha_at
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_OURS = {"optimizer": "train.lr/betas/weight_decay", "scheduler": "train.lr/warmup_ratio/min_lr_ratio",
+         "gradient_clipping": "train.grad_clip", "fp16": "train.precision", "tensorboard": "train.tensorboard",
+         "wandb": "train.wandb", "csv_monitor": "train.csv"}
+
+
+def init_distributed() -> None:
+    deepspeed.init_distributed(dist_init_required=None)
+
+
+def device() -> torch.device:
+    return torch.device(get_accelerator().current_device_name())
+
+
+def find_ds_config(name: str) -> Path:
+    """As given, else relative to the repository (so `ds_configs/cpu.json` works from anywhere)."""
+    for path in (Path(name), REPO_ROOT / name):
+        if path.is_file():
+            return path
+    raise UserError(f"train.ds_config: no such DeepSpeed config '{name}'")
+
+
+def resolve_ds_config(cfg: Config, world_size: int, run_dir: Path | None = None, universal: bool = False) -> dict:
+    path = find_ds_config(cfg.train.ds_config)
+    try:
+        ds = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    tr = cfg.train
+    for key, ours in _OURS.items():
+        if key in ds:
+            raise UserError(f"{path}: '{key}' comes from our config ({ours}); remove it from the DeepSpeed JSON")
+    batch = {"train_micro_batch_size_per_gpu": tr.micro_batch, "gradient_accumulation_steps": tr.grad_accum,
+             "train_batch_size": tr.micro_batch * tr.grad_accum * world_size}
+    for key, value in batch.items():
+        if key in ds and ds[key] != value:
+            raise UserError(
+                f"{path}: {key}={ds[key]} disagrees with train.micro_batch={tr.micro_batch} x "
+                f"train.grad_accum={tr.grad_accum} x {world_size} ranks (train_batch_size must be "
+                f"{batch['train_batch_size']}); fix one or drop the key from the JSON")
+    bf16 = ds.get("bf16", {})
+    if "enabled" in bf16 and bf16["enabled"] != (tr.precision == "bf16"):
+        raise UserError(f"{path}: bf16.enabled={bf16['enabled']} disagrees with train.precision={tr.precision}")
+    on_cpu = get_accelerator().device_name() == "cpu"
+    ds |= batch
+    ds["bf16"] = bf16 | {"enabled": tr.precision == "bf16"}
+    ds["gradient_clipping"] = tr.grad_clip
+    ds["optimizer"] = {"type": "AdamW", "params": {"lr": tr.lr, "betas": tr.betas, "eps": 1e-8,
+                                                   "weight_decay": tr.weight_decay, "torch_adam": on_cpu}}
+    ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
+        "total_num_steps": tr.steps, "warmup_min_ratio": 0.0, "warmup_type": "linear",
+        "warmup_num_steps": max(1, round(tr.warmup_ratio * tr.steps)), "cos_min_ratio": tr.min_lr_ratio}}
+    ds.setdefault("steps_per_print", 10**9)  # we report every step ourselves
+    if run_dir is not None:
+        ds["tensorboard"] = {"enabled": tr.tensorboard, "output_path": str(run_dir / "tensorboard"), "job_name": "train"}
+        ds["csv_monitor"] = {"enabled": tr.csv, "output_path": str(run_dir / "csv"), "job_name": "train"}
+        ds["wandb"] = {"enabled": tr.wandb != "disabled", "project": tr.wandb_project}
+    if universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+    return ds
+
+
+def param_groups(model: Transformer, weight_decay: float) -> list[dict]:
+    """Weight decay on projection matrices only: never on norms or the embedding (nor a tied head)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if "norm" in name or name.startswith("tok_embeddings") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class AnnealingHook:
+    """A forward pre-hook on the model that sets alpha of every TopK module from the schedule at the
+    engine's optimizer step. All micro-batches of a step see the same global_steps, hence one alpha;
+    after a resume global_steps is restored, hence the same alpha as the uninterrupted run."""
+
+    def __init__(self, engine, total_steps: int, ratio: float, kind: str):
+        self.engine, self.total, self.ratio, self.kind = engine, total_steps, ratio, kind
+        self.modules = engine.module.topk_modules()
+
+    def alpha_of(self, step: int) -> float:
+        return alpha_at(step, self.total, self.ratio, self.kind)
+
+    def __call__(self, module, args):
+        value = self.alpha_of(self.engine.global_steps)
+        for m in self.modules:
+            m.alpha = value
+
+
+class Engine:
+    def __init__(self, cfg: Config, run_dir: Path | None = None, universal: bool = False):
+        from torch import distributed as dist
+
+        self.cfg = cfg
+        world = dist.get_world_size()
+        self.ds_config = resolve_ds_config(cfg, world, run_dir, universal)
+        if run_dir is not None and cfg.train.wandb != "disabled":
+            os.environ.setdefault("WANDB_MODE", cfg.train.wandb)
+            os.environ.setdefault("WANDB_DIR", str(run_dir))
+        stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        torch.manual_seed(cfg.train.seed)
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=stage == 3):
+            model = Transformer(cfg.model, cfg.topk)
+        if stage == 3:  # the parameters are sharded now: make each block whole while it is initialised
+            model.init_weights(gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+        model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+                                               config=self.ds_config)
+        self.model = model
+        self.device = device()
+        self.annealing = AnnealingHook(self.engine, cfg.train.steps, cfg.topk.anneal_ratio, cfg.topk.anneal)
+        model.register_forward_pre_hook(self.annealing)
+
+    @property
+    def step(self) -> int:
+        return self.engine.global_steps
+
+    def micro_step(self, batch: torch.Tensor) -> torch.Tensor:
+        """Forward, backward and (at the accumulation boundary) the optimizer step of one micro-batch."""
+        batch = batch.to(self.device, non_blocking=True)
+        loss = self.engine(batch[:, :-1], batch[:, 1:])
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach()
+
+    def step_report(self) -> dict:
+        """After an optimizer step: whether it was applied, the learning rate, the gradient norm."""
+        return {"applied": self.engine.was_step_applied(), "lr": self.engine.get_lr()[0],
+                "grad_norm": self.engine.get_global_grad_norm(), "skipped": self.engine.skipped_steps}
+
+    @torch.no_grad()
+    def eval_loss(self, batches) -> torch.Tensor:
+        self.engine.eval()
+        losses = [self.engine(b[:, :-1].to(self.device), b[:, 1:].to(self.device)).float() for b in batches]
+        self.engine.train()
+        return torch.stack(losses).mean()
+
+    def write_events(self, events: list[tuple[str, float, int]]) -> None:
+        if self.engine.monitor.enabled:
+            self.engine.monitor.write_events(events)
+
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+
+    def load(self, path: Path) -> dict:
+        """Load a checkpoint directory (a tag, or a universal checkpoint); returns the client state."""
+        load_path, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        if load_path is None:
+            raise UserError(f"DeepSpeed could not load the checkpoint {path}")
+        return client

@@ -1,0 +1,116 @@
+"""The training loop: the story of a run, one concern per call."""
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Config, save_config
+from ..data.dataset import GlobalSampler, TokenWindows
+from ..errors import UserError
+from ..io import write_json
+from .checkpoint import Checkpointer, TrainState, is_universal
+from .distributed import Preemption, any_rank, barrier, mean_over_ranks, rank, world_size
+from .engine import Engine, init_distributed
+from .monitor import Monitor, peak_flops, truncate_metrics
+
+
+def open_data(cfg: Config) -> tuple[TokenWindows, TokenWindows | None]:
+    """Training and validation windows; the model's vocabulary comes from the data unless set."""
+    if not cfg.data.path:
+        raise UserError("data.path is not set: point it at prepared shards (topk-ds data prepare --out DIR)")
+    train = TokenWindows(cfg.data.path, split="train", seq_len=cfg.data.seq_len)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = train.vocab_size
+    else:
+        train.check_vocab(cfg.model.vocab_size, "model.vocab_size")
+    val = None
+    if cfg.train.eval_every and train.manifest.get("splits", {}).get("val", {}).get("tokens", 0):
+        val = TokenWindows(cfg.data.path, split="val", seq_len=cfg.data.seq_len)
+    return train, val
+
+
+def validation_batches(val: TokenWindows, cfg: Config) -> list[torch.Tensor]:
+    """The same windows at every validation; each rank takes an equal, disjoint share (ZeRO-3 needs
+    every rank to run the same number of forwards)."""
+    micro, world = cfg.train.micro_batch, world_size()
+    per_rank = min(cfg.train.eval_batches, len(val) // (micro * world))
+    if per_rank == 0:
+        raise UserError(f"the validation split has {len(val)} windows, fewer than {micro * world} "
+                        f"(micro_batch x ranks); prepare more --val-tokens or set train.eval_every=0")
+    return [val.batch(range((b * world + rank()) * micro, (b * world + rank() + 1) * micro)) for b in range(per_rank)]
+
+
+def train(cfg: Config, resume: str = "none") -> Path:
+    init_distributed()
+    run_dir = Path(cfg.train.out_dir)
+    data, val = open_data(cfg)
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.save_every, cfg.train.keep_last,
+                                is_writer=int(os.environ.get("LOCAL_RANK", 0)) == 0)
+    start = checkpointer.resolve(resume, log=print if rank() == 0 else lambda m: None)
+    engine = Engine(cfg, run_dir, universal=start is not None and is_universal(start))
+    global_batch = cfg.train.micro_batch * cfg.train.grad_accum * world_size()
+    if rank() == 0:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        write_json(run_dir / "ds_config.json", engine.ds_config)
+    barrier()
+
+    state = TrainState(global_batch=global_batch)
+    if start is not None:
+        state = TrainState(**engine.load(start)["train_state"])
+        if state.global_batch != global_batch:
+            raise UserError(f"the checkpoint was trained with a global batch of {state.global_batch} sequences, this run "
+                            f"has {global_batch}; keep micro_batch x grad_accum x ranks equal to resume exactly")
+        state.restore_rng()
+        if rank() == 0:
+            truncate_metrics(run_dir / "metrics.jsonl", state.step)
+    sampler = GlobalSampler(len(data), global_batch, cfg.data.seed)
+    sampler.load_state_dict(state.sampler)
+    val_batches = validation_batches(val, cfg) if val is not None else None
+
+    monitor = Monitor(run_dir, engine.model, engine.write_events, total_steps=cfg.train.steps, start_step=state.step,
+                      tokens_per_step=global_batch * cfg.data.seq_len,
+                      flops_per_token=cfg.model.flops_per_token(cfg.data.seq_len),
+                      peak=peak_flops(engine.device, cfg.train.precision), world=world_size(),
+                      health_window=cfg.train.health_window, is_rank0=rank() == 0)
+    monitor.log(f"{'resumed from ' + str(start) if start else 'started'} at step {state.step} of {cfg.train.steps}: "
+                f"{cfg.model.num_params():,} parameters, {world_size()} ranks, global batch {global_batch} x {cfg.data.seq_len} tokens")
+    bad_in_a_row = 0
+    with Preemption() as preemption:
+        while state.step < cfg.train.steps:
+            started = time.perf_counter()
+            losses = [engine.micro_step(data.batch(idx)) for idx in sampler.next_step(rank(), world_size(), cfg.train.micro_batch)]
+            loss = mean_over_ranks(torch.stack(losses).float().mean()).item()
+            report = engine.step_report()
+            step_time = time.perf_counter() - started
+            state.step, state.tokens = engine.step, state.tokens + global_batch * cfg.data.seq_len
+            state.sampler, state.skipped_steps = sampler.state_dict(), report["skipped"]
+
+            good = report["applied"] and math.isfinite(loss)
+            bad_in_a_row = 0 if good else bad_in_a_row + 1
+            if not good:
+                monitor.log(f"step {state.step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
+            extra = {}
+            if val_batches and state.step % cfg.train.eval_every == 0:
+                val_loss = mean_over_ranks(engine.eval_loss(val_batches)).item()
+                extra = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+                monitor.log(f"step {state.step}: validation loss {val_loss:.4f}, perplexity {extra['val_ppl']:.2f}")
+            monitor.step(state.step, loss, step_time=step_time, lr=report["lr"], alpha=engine.annealing.alpha_of(state.step - 1),
+                         grad_norm=report["grad_norm"], applied=good, skipped_total=state.skipped_steps,
+                         tokens=state.tokens, device=engine.device, extra=extra)
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                last = checkpointer.last_saved or "none (no checkpoint was saved yet)"
+                monitor.close()
+                raise UserError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
+                                f"{state.step}); stopping. Last good checkpoint: {last}")
+            checkpointer.maybe_save(engine, state, final=state.step == cfg.train.steps)
+            if any_rank(preemption.requested is not None, engine.device):
+                path = checkpointer.save(engine, state)
+                monitor.log(f"{preemption.requested or 'a signal on another rank'}: saved {path} at step {state.step}; "
+                            f"resume with --resume auto")
+                break
+    monitor.close()
+    return run_dir
