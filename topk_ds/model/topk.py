@@ -16,19 +16,30 @@ ACTIVATIONS = ("relu", "identity")
 SCHEDULES = ("linear", "cosine", "exponential", "step")
 
 
+def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and indices (..., k) of the k largest entries along the last dim; ties go to the lower index."""
+    if k == x.shape[-1]:  # everything is kept: no ties to break
+        return x.topk(k, dim=-1, sorted=False)
+    # One entry more than needed tells whether the k-th largest ties with the (k+1)-th without
+    # another pass over x. Drop the (k+1)-th by moving the last of the k + 1 into its place.
+    values, idx = x.topk(k + 1, dim=-1, sorted=False)
+    low, pos = values.min(dim=-1, keepdim=True)
+    values = values.scatter(-1, pos, values[..., k:])[..., :k]
+    idx = idx.scatter(-1, pos, idx[..., k:])[..., :k]
+    tied = values.min(dim=-1).values == low.squeeze(-1)
+    if tied.any():  # keep all entries above the k-th value, then the tied ones in index order
+        rows, kth = x[tied], low[tied]
+        above, at = rows > kth, rows == kth
+        fill = k - above.sum(dim=-1, keepdim=True)
+        chosen = (above | (at & (at.cumsum(dim=-1) <= fill))).nonzero()[:, 1].view(-1, k)
+        idx[tied] = chosen
+        values[tied] = rows.gather(-1, chosen)
+    return values, idx
+
+
 def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (..., k) of the k largest entries along the last dim; ties go to the lower index."""
-    values, idx = x.topk(k, dim=-1, sorted=False)
-    kth = values.min(dim=-1, keepdim=True).values
-    tied = (x >= kth).sum(dim=-1) > k  # rows where entries equal to the k-th value were left out
-    if tied.any():
-        rows = x[tied]
-        above = rows > kth[tied]
-        at = rows == kth[tied]
-        fill = k - above.sum(dim=-1, keepdim=True)
-        keep = above | (at & (at.cumsum(dim=-1) <= fill))
-        idx[tied] = keep.nonzero()[:, 1].view(-1, k)
-    return idx
+    return _topk(x, k)[1]
 
 
 def _f(x: torch.Tensor, act: str) -> torch.Tensor:
@@ -38,8 +49,7 @@ def _f(x: torch.Tensor, act: str) -> torch.Tensor:
 class _AnnealedTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, k, alpha, act):
-        idx = topk_indices(x, k)
-        picked = x.gather(-1, idx)
+        picked, idx = _topk(x, k)
         if alpha == 0.0:
             y = torch.zeros_like(x)
         else:

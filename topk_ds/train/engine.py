@@ -143,10 +143,15 @@ class Engine:
         self.engine.step()
         return loss.detach()
 
+    @property
+    def lr(self) -> float:
+        """The learning rate the next optimizer step will use."""
+        return self.engine.get_lr()[0]
+
     def step_report(self) -> dict:
-        """After an optimizer step: whether it was applied, the learning rate, the gradient norm."""
-        return {"applied": self.engine.was_step_applied(), "lr": self.engine.get_lr()[0],
-                "grad_norm": self.engine.get_global_grad_norm(), "skipped": self.engine.skipped_steps}
+        """After an optimizer step: whether it was applied, the gradient norm, steps skipped so far."""
+        return {"applied": self.engine.was_step_applied(), "grad_norm": self.engine.get_global_grad_norm(),
+                "skipped": self.engine.skipped_steps}
 
     @torch.no_grad()
     def eval_loss(self, batches) -> torch.Tensor:

@@ -81,7 +81,7 @@ def train(cfg: Config, resume: str = "none") -> Path:
     bad_in_a_row = 0
     with Preemption() as preemption:
         while state.step < cfg.train.steps:
-            started = time.perf_counter()
+            started, lr = time.perf_counter(), engine.lr
             losses = [engine.micro_step(data.batch(idx)) for idx in sampler.next_step(rank(), world_size(), cfg.train.micro_batch)]
             loss = mean_over_ranks(torch.stack(losses).float().mean()).item()
             report = engine.step_report()
@@ -98,7 +98,7 @@ def train(cfg: Config, resume: str = "none") -> Path:
                 val_loss = mean_over_ranks(engine.eval_loss(val_batches)).item()
                 extra = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
                 monitor.log(f"step {state.step}: validation loss {val_loss:.4f}, perplexity {extra['val_ppl']:.2f}")
-            monitor.step(state.step, loss, step_time=step_time, lr=report["lr"], alpha=engine.annealing.alpha_of(state.step - 1),
+            monitor.step(state.step, loss, step_time=step_time, lr=lr, alpha=engine.annealing.alpha_of(state.step - 1),
                          grad_norm=report["grad_norm"], applied=good, skipped_total=state.skipped_steps,
                          tokens=state.tokens, device=engine.device, extra=extra)
             if bad_in_a_row >= cfg.train.max_bad_steps:

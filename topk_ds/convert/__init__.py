@@ -1,0 +1,2 @@
+"""Offline conversion of training checkpoints to Hugging Face directories, and `load()`, the one
+function that opens either for evaluation and analysis."""

@@ -1,0 +1,114 @@
+"""Finding and reading trained weights, wherever they are: a run directory, its checkpoints/
+directory, one DeepSpeed tag (ZeRO-0...3), a converted Hugging Face directory, or a single
+torch/safetensors state dict. ZeRO shards are consolidated by DeepSpeed's own zero_to_fp32."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import Config, load_config
+from ..errors import UserError
+from ..model.topk import alpha as alpha_at
+from ..train.checkpoint import problem, tags_by_step
+
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+@dataclass
+class Source:
+    kind: str  # "hf" | "deepspeed" | "state_dict"
+    path: Path  # the HF directory, the tag directory, or the state-dict file
+    config_path: Path | None  # the run's config.yaml (None for "hf")
+    step: int | None  # optimizer step the weights come from, when known
+
+
+def is_hf_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "topk_llama"
+    except (OSError, ValueError):
+        return False
+
+
+def _tag_dir(ckpt_dir: Path, tag: str | None) -> Path:
+    tags = tags_by_step(ckpt_dir)
+    if not tags:
+        raise UserError(f"{ckpt_dir} holds no checkpoint (no global_stepN directories)")
+    if tag is not None:
+        path = ckpt_dir / tag
+        if not path.is_dir():
+            raise UserError(f"no checkpoint tag '{tag}' in {ckpt_dir}; available: {', '.join(p.name for _, p in tags)}")
+        return path
+    for _, path in tags:
+        if problem(path) is None:
+            return path
+    raise UserError(f"no complete checkpoint in {ckpt_dir}")
+
+
+def locate(path: Path, tag: str | None = None, config: str | None = None) -> Source:
+    """What kind of weights `path` holds, and where their config is."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix not in STATE_DICT_SUFFIXES:
+            raise UserError(f"{path} is not a state dict (expected one of {', '.join(STATE_DICT_SUFFIXES)})")
+        config_path = Path(config) if config else path.parent / "config.yaml"
+        if not config and not config_path.exists():
+            raise UserError(f"{path}: a bare state dict needs its run config: pass --config (preset or YAML)")
+        return Source("state_dict", path, config_path, None)
+    if is_hf_dir(path):
+        return Source("hf", path, None, json.loads((path / "config.json").read_text()).get("train_step"))
+    if (path / "checkpoints").is_dir():
+        tag_dir = _tag_dir(path / "checkpoints", tag)
+    elif tags_by_step(path):
+        tag_dir = _tag_dir(path, tag)
+    elif list(path.glob("*model_states.pt")):
+        tag_dir = path
+    else:
+        raise UserError(f"{path} is not a checkpoint: expected a run directory, a checkpoints/ directory, a "
+                        "global_stepN tag, a converted model directory, or a .pt/.safetensors state dict")
+    if (reason := problem(tag_dir)) is not None:
+        raise UserError(f"checkpoint {tag_dir} is not usable: {reason}")
+    config_path = Path(config) if config else tag_dir.parent.parent / "config.yaml"
+    step = int(tag_dir.name.removeprefix("global_step")) if tag_dir.name.startswith("global_step") else None
+    return Source("deepspeed", tag_dir, config_path, step)
+
+
+def run_config(source: Source) -> Config:
+    if source.config_path is None or not (source.config_path.exists() or source.config_path.suffix == ""):
+        raise UserError(f"cannot find the run config for {source.path} (looked for {source.config_path}); pass --config")
+    cfg = load_config(str(source.config_path))
+    if cfg.model.vocab_size is None:
+        raise UserError(f"{source.config_path} has no model.vocab_size (the trainer writes the resolved config)")
+    return cfg
+
+
+def read_weights(source: Source) -> dict[str, torch.Tensor]:
+    """fp32 state dict with the training model's own keys (no `module.` or `model.` prefix)."""
+    if source.kind == "state_dict":
+        try:
+            if source.path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state = load_file(source.path)
+            else:
+                state = torch.load(source.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # any unreadable file: truncated, not a state dict, ...
+            raise UserError(f"cannot read state dict {source.path}: {str(e).splitlines()[0]}") from None
+        state = state.get("module", state)
+    elif list(source.path.glob("*zero_pp_rank_*_optim_states.pt")):  # ZeRO-1/2/3 shards
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(source.path.parent), tag=source.path.name)
+    else:  # ZeRO-0: the module's weights are in the model-states file
+        state = torch.load(source.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k.removeprefix("module.").removeprefix("model."): v.float() for k, v in state.items()}
+
+
+def alpha_for(cfg: Config, step: int | None) -> float:
+    """The alpha the weights were trained at: a pure function of the step (0 when unknown: a finished run)."""
+    if step is None or not cfg.topk.enabled:
+        return 0.0
+    return alpha_at(step, cfg.train.steps, cfg.topk.anneal_ratio, cfg.topk.anneal)
