@@ -41,3 +41,57 @@ def prepared_data(data_corpus, data_tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "prepared"
     prepare([str(data_corpus)], data_tokenizer, out, val_tokens=2000, shard_tokens=4000, progress=False)
     return out
+
+
+# A trained tiny model, shared by the training, conversion, evaluation and analysis tests: the
+# synthetic corpus with a vocabulary big enough that topic words are whole tokens, prepared shards,
+# one real `topk-ds train` run (1 rank, DeepSpeed on CPU) with checkpoints to trace, and its conversion.
+RUN_DOCS, RUN_VOCAB = 800, 2000
+RUN_STEPS, RUN_SAVE_EVERY = 300, 100
+
+
+def run_cli(*args, check=True, timeout=900, env=None, cwd=None):
+    """Run `python -m topk_ds.cli ARGS` in a fresh process; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "topk_ds.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"topk-ds {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """(corpus directory with corpus.jsonl + concepts.json, prepared data directory)."""
+    from topk_ds.corpus import write_synthetic_corpus
+    from topk_ds.data.prepare import prepare
+    from topk_ds.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("synthetic")
+    corpus = write_synthetic_corpus(root / "corpus", docs=RUN_DOCS, seed=0, progress=False)
+    train_tokenizer([str(corpus)], RUN_VOCAB, root / "tokenizer", progress=False)
+    prepare([str(corpus)], root / "tokenizer", root / "data", val_tokens=20000, progress=False)
+    return root / "corpus", root / "data"
+
+
+def train_tiny(data, out, *overrides, config="tiny", resume="none"):
+    return run_cli("train", "--config", config, "--set", f"data.path={data}", "--set", f"train.out_dir={out}",
+                   "--resume", resume, *[a for o in overrides for a in ("--set", o)])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synthetic_data, tmp_path_factory):
+    """A finished TopK run of the tiny preset: checkpoints at steps 100, 200, 300."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train_tiny(synthetic_data[1], out, f"train.steps={RUN_STEPS}", f"train.save_every={RUN_SAVE_EVERY}",
+               "train.eval_every=100")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tiny_run):
+    """The tiny run's last checkpoint converted to a Hugging Face directory."""
+    run_cli("convert", tiny_run)
+    return tiny_run / "hf" / f"global_step{RUN_STEPS}"

@@ -17,10 +17,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> None:
+    import warnings
+
     from ..config import load_config
     from .distributed import discover_ranks
     from .loop import train
 
+    # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per call site and rank
+    warnings.filterwarnings("ignore", message=".*is deprecated. Please use `torch.distributed", category=FutureWarning)
     discover_ranks()
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, args.resume)
