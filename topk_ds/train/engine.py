@@ -115,7 +115,7 @@ class Engine:
         world = dist.get_world_size()
         self.ds_config = resolve_ds_config(cfg, world, run_dir, universal)
         if run_dir is not None and cfg.train.wandb != "disabled":
-            os.environ.setdefault("WANDB_MODE", cfg.train.wandb)
+            os.environ["WANDB_MODE"] = cfg.train.wandb  # the config decides, whatever the shell exported
             os.environ.setdefault("WANDB_DIR", str(run_dir))
         stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         torch.manual_seed(cfg.train.seed)
@@ -145,8 +145,8 @@ class Engine:
 
     @property
     def lr(self) -> float:
-        """The learning rate the next optimizer step will use."""
-        return self.engine.get_lr()[0]
+        """The learning rate the next optimizer step will use (as the scheduler set it in the optimizer)."""
+        return self.engine.optimizer.param_groups[0]["lr"]
 
     def step_report(self) -> dict:
         """After an optimizer step: whether it was applied, the gradient norm, steps skipped so far."""

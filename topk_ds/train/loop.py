@@ -72,7 +72,7 @@ def train(cfg: Config, resume: str = "none") -> Path:
     val_batches = validation_batches(val, cfg) if val is not None else None
 
     monitor = Monitor(run_dir, engine.model, engine.write_events, total_steps=cfg.train.steps, start_step=state.step,
-                      tokens_per_step=global_batch * cfg.data.seq_len,
+                      global_batch=global_batch, seq_len=cfg.data.seq_len,
                       flops_per_token=cfg.model.flops_per_token(cfg.data.seq_len),
                       peak=peak_flops(engine.device, cfg.train.precision), world=world_size(),
                       health_window=cfg.train.health_window, is_rank0=rank() == 0)

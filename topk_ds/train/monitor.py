@@ -93,10 +93,11 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 class Monitor:
     def __init__(self, run_dir: Path, model, write_events, *, total_steps: int, start_step: int,
-                 tokens_per_step: int, flops_per_token: float, peak: tuple[float, str], world: int,
+                 global_batch: int, seq_len: int, flops_per_token: float, peak: tuple[float, str], world: int,
                  health_window: int, is_rank0: bool):
         self.write_events, self.is_rank0 = write_events, is_rank0
-        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.global_batch, self.tokens_per_step = global_batch, global_batch * seq_len
+        self.flops_per_token = flops_per_token
         self.peak, self.world = peak, world
         self.health = TopKHealth(model, health_window)
         self.metrics = open(run_dir / "metrics.jsonl", "a") if is_rank0 else None
@@ -123,7 +124,9 @@ class Monitor:
         if self.is_rank0:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
-            self.write_events([(f"train/{k}", float(v), step) for k, v in record.items()
+            # indexed by samples seen, like DeepSpeed's own events (wandb needs one monotonic x-axis)
+            samples = step * self.global_batch
+            self.write_events([(f"train/{k}", float(v), samples) for k, v in record.items()
                                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)])
             self.bar.set_postfix(loss=f"{loss:.3f}", alpha=f"{alpha:.2f}", tok_s=f"{tokens_per_s:,.0f}",
                                  mfu=f"{record['mfu']:.1%}", refresh=False)
