@@ -21,7 +21,7 @@ VOCAB = 2048
 
 
 def run(quick: bool) -> list[Figure]:
-    docs, repeats = (4000, 2) if quick else (16000, 3)  # ~5 MB / ~20 MB of text
+    docs, repeats = (4000, 2) if quick else (16000, 5)  # ~5 MB / ~20 MB of text
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         corpus = write_synthetic_corpus(tmp / "corpus", docs=docs, progress=False)
