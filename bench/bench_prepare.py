@@ -48,4 +48,4 @@ def run(quick: bool) -> list[Figure]:
 
 
 if __name__ == "__main__":
-    main("bench_prepare", run)
+    main("prepare", run)
