@@ -2,6 +2,8 @@
 activation-memory formula against memory measured on the tiny model's training step on CPU."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -149,13 +151,18 @@ def test_saved_tensors_match_formula(dtype, alpha):
     assert estimate == pytest.approx(sum(storages.values()), rel=0.01)
 
 
-def test_cli_text_and_json(capsys):
+def test_cli_text(capsys):
     main(["plan", "--config", "paper-1024x8", "--gpus-per-node", "8", "--gpu", "H100", "--zero", "2"])
     text = capsys.readouterr().out
     assert "ZeRO-2" in text and "fits" in text and "steps" in text
-    main(["plan", "--config", "tiny", "--set", "model.vocab_size=512", "--gpus-per-node", "4", "--nodes", "2",
-          "--micro-batch", "2", "--seq-len", "32", "--json"])
-    p = json.loads(capsys.readouterr().out)
+
+
+def test_cli_json_is_clean_on_first_deepspeed_import():
+    """A fresh process: DeepSpeed logs to stdout when it is imported on a machine without GPUs."""
+    out = subprocess.run([sys.executable, "-m", "topk_ds.cli", "plan", "--config", "tiny", "--set", "model.vocab_size=512",
+                          "--gpus-per-node", "4", "--nodes", "2", "--micro-batch", "2", "--seq-len", "32", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    p = json.loads(out)
     assert p["cluster"]["gpus"] == 8 and p["batch"]["tokens_per_step"] == 2 * 8 * 32
 
 

@@ -40,6 +40,7 @@ def _add_config_commands(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .analysis.cli import add_commands as analysis_commands
     from .convert.cli import add_commands as convert_commands
     from .corpus.cli import add_commands as corpus_commands
     from .data.cli import add_commands as data_commands
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = Parser(prog="topk-ds", description="Train, convert, evaluate and analyse TopK language models.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for add in (corpus_commands, data_commands, _add_config_commands, train_commands, convert_commands, eval_commands, plan_commands):
+    for add in (corpus_commands, data_commands, _add_config_commands, train_commands, convert_commands, eval_commands, plan_commands, analysis_commands):
         add(commands)
     return parser
 

@@ -8,6 +8,7 @@ against measured memory of the tiny model on CPU, tests/test_plan.py).
 
 import dataclasses
 import json
+import logging
 import math
 
 from .errors import UserError
@@ -15,8 +16,8 @@ from .errors import UserError
 # Per-GPU memory (nominal, counted as GiB; nvidia-smi shows 140.4 / 79.6 / 80.0 GiB) and the dense
 # bf16 tensor-core peak without sparsity (SXM parts).
 GPUS = {"h200": (141, 989e12), "h100": (80, 989e12), "a100": (80, 312e12)}
-# Share of GPU memory left free for the CUDA context, NCCL buffers, matmul workspaces and
-# allocator fragmentation.
+# Share of GPU memory left free for what the estimates leave out: the CUDA context, NCCL and ZeRO
+# communication buckets, matmul workspaces, allocator fragmentation.
 MARGIN = 0.10
 DEFAULT_VOCAB = 32000  # the paper's Llama tokenizer, assumed when the config leaves vocab_size to the data
 GIB = 2**30
@@ -88,8 +89,13 @@ def largest_layer_params(m) -> int:
 def model_state_bytes(total: int, largest: int, gpus_per_node: int, nodes: int, zero: int, offload: bool) -> tuple[int, int]:
     """(bytes per GPU, host bytes per node) for bf16 params + fp32 master, grads and Adam, from
     DeepSpeed's estimators. ZeRO-3 --offload moves both optimizer and parameters to the CPU."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    log = logging.getLogger("DeepSpeed")  # logs to stdout on import without a GPU: keep --json clean
+    was_disabled, log.disabled = log.disabled, True
+    try:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    finally:
+        log.disabled = was_disabled
 
     if zero == 3:
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
@@ -133,7 +139,7 @@ def plan(cfg, gpus_per_node: int, nodes: int = 1, gpu: str = "h200", zero: int =
         notes.append(f"train.precision={cfg.train.precision} (a CPU setting); planned for bf16, the GPU precision")
     annealing = t.enabled and t.anneal_ratio > 0
     if annealing and t.act == "relu":
-        notes.append("activations include the TopK layers' dense relu masks, kept only while alpha > 0 (annealing)")
+        notes.append("activations count the TopK layers' dense relu masks, held only while alpha > 0 (annealing)")
 
     gpus = gpus_per_node * nodes
     memory_gib, peak_flops = GPUS[gpu]

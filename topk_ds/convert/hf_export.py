@@ -22,13 +22,15 @@ def hf_key(key: str) -> str:
 
 def build_hf_model(source: Source, alpha: float | None = None):
     """A TopKLlamaForCausalLM with the weights of `source` (not an HF directory), in fp32, eval mode."""
+    from transformers.initialization import no_init_weights
+
     from ..model.hf import TopKLlamaConfig, TopKLlamaForCausalLM
 
     cfg = run_config(source)
     weights = read_weights(source)
     config = TopKLlamaConfig.from_args(cfg.model, cfg.topk, train_step=source.step,
                                        topk_alpha=alpha_for(cfg, source.step) if alpha is None else alpha)
-    with torch.device("meta"):
+    with torch.device("meta"), no_init_weights():  # every weight is assigned from the checkpoint below
         model = TopKLlamaForCausalLM(config)
     if cfg.model.tie_embeddings:
         weights.pop("output.weight", None)

@@ -1,0 +1,68 @@
+"""The paper's figures as PNG (matplotlib, Agg): entropies per layer of several models (Figure 3),
+a neuron's activation on one token over checkpoints x layers (Figure 5), entropies over training
+(Figure 4)."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..io import atomic_output  # noqa: E402
+
+
+def _save(fig, out) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(out) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return out
+
+
+def entropy_by_layer(models: list[dict], out) -> Path:
+    """models: [{name, layers: [int], token: [(D,) array per layer], semantic: [...]}]: mean +- std per layer."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for m in models:
+        for ax, key in zip(axes, ("token", "semantic")):
+            mean = np.array([np.nanmean(v) if np.isfinite(v).any() else np.nan for v in m[key]])
+            std = np.array([np.nanstd(v) if np.isfinite(v).any() else np.nan for v in m[key]])
+            line, = ax.plot(m["layers"], mean, marker="o", label=m["name"])
+            ax.fill_between(m["layers"], mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    for ax, title in zip(axes, ("token entropy", "semantic entropy")):
+        ax.set(xlabel="layer", ylabel=f"{title} (nats)", title=f"{title}: mean ± std over neurons")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    return _save(fig, out)
+
+
+def neuron_heatmap(trace: dict, out, layer: int | None = None) -> Path:
+    """Figure 5: rows are layers, columns checkpoints."""
+    mean = np.array(trace["mean"])
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(trace["steps"]) + 2), max(3, 0.35 * len(mean) + 1.5)))
+    image = ax.imshow(mean, origin="lower", aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(trace["steps"])), [str(s) for s in trace["steps"]], rotation=45)
+    ax.set_yticks(range(len(mean)), [f"{l}*" if l == layer else str(l) for l in range(len(mean))])
+    ax.set(xlabel="training step", ylabel="layer",
+           title=f"neuron index {trace['index']}: mean activation on '{trace['word']}'")
+    fig.colorbar(image, ax=ax, label="mean activation")
+    return _save(fig, out)
+
+
+def entropy_over_training(trace: dict, out) -> Path:
+    """Figure 4: per layer, the mean entropy over checkpoints with its 5th-95th percentile band; dense layers dashed."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(trace["layers"])))
+    for row, color in zip(trace["layers"], colors):
+        for ax, key in zip(axes, ("token", "semantic")):
+            pick = lambda name: np.array([np.nan if s[name] is None else s[name] for s in row[key]], float)  # noqa: E731
+            style = "--" if row["kind"] == "dense" else "-"
+            ax.plot(trace["steps"], pick("mean"), style, marker="o", color=color, label=f"layer {row['layer']} ({row['kind']})")
+            ax.fill_between(trace["steps"], pick("p5"), pick("p95"), color=color, alpha=0.12)
+    for ax, title in zip(axes, ("token entropy", "semantic entropy")):
+        ax.set(xlabel="training step", ylabel=f"{title} (nats)", title=f"{title} over training (band: 5th-95th pct)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return _save(fig, out)

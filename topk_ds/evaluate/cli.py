@@ -1,0 +1,52 @@
+import argparse
+from pathlib import Path
+
+from .suites import LOCAL_DIR, LOCAL_SEED, SUITES
+
+
+def _eval(a):
+    from .run import evaluate
+
+    evaluate(a.models, a.suite, tasks=a.tasks, out=a.out, batch_size=a.batch_size, limit=a.limit,
+             max_length=a.max_length, val_data=a.val_data)
+
+
+def _make_local(a):
+    from .local_tasks import make_local_tasks
+
+    written = make_local_tasks(Path(a.out), seed=a.seed)
+    print(f"wrote {', '.join(f'{n} items to {f}' for f, n in written.items())} in {a.out}")
+
+
+def _batch_size(text: str) -> str:
+    if text != "auto" and not (text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got '{text}'")
+    return text
+
+
+def add_commands(commands) -> None:
+    tasks = "; ".join(f"{s.name}: {', '.join(s.tasks)}" for s in SUITES.values())
+    p = commands.add_parser("eval", help="evaluate models with lm-eval and write a Table 1 style table",
+                            description="Evaluate one or more models through lm-eval (in process, context length "
+                            "--max-length) and write lm-eval's JSON per model plus table.md, one row per model. "
+                            "--suite paper: the paper's Table 1 (needs the hub datasets, cached when offline); "
+                            f"--suite local: offline tasks of the synthetic grammar shipped in {LOCAL_DIR}.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="a converted model directory, a training run, its "
+                   "checkpoints/ or one global_stepN tag, or any Hugging Face causal LM directory (e.g. a dense Llama)")
+    p.add_argument("--suite", choices=sorted(SUITES), required=True, help="which set of tasks")
+    p.add_argument("--tasks", nargs="+", metavar="T", help=f"run only these of the suite's tasks ({tasks})")
+    p.add_argument("--out", type=Path, help="output directory (default: eval_results/SUITE in the working directory)")
+    p.add_argument("--batch-size", type=_batch_size, default="16", help="lm-eval batch size, or auto (default 16)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N items of each task (for a quick look)")
+    p.add_argument("--max-length", type=int, default=256, help="context length (default 256, the paper's)")
+    p.add_argument("--val-data", help="documents of the Valid. column: a prepared data directory (its validation "
+                   "split) or a jsonl with a \"text\" field (default: the data the checkpoint models were trained on)")
+    p.set_defaults(run=_eval)
+
+    p = commands.add_parser("eval-make-local", help="regenerate the local suite's data from the synthetic grammar",
+                            description="Write the local suite's jsonl files (fixed seed, streams disjoint from the "
+                            "training corpus). Into any directory other than eval/local the task YAMLs are copied "
+                            "too, making it a complete lm-eval --include_path.")
+    p.add_argument("--out", default=str(LOCAL_DIR), help=f"directory (default {LOCAL_DIR})")
+    p.add_argument("--seed", type=int, default=LOCAL_SEED, help=f"seed of the grammar's streams (default {LOCAL_SEED})")
+    p.set_defaults(run=_make_local)
