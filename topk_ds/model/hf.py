@@ -17,6 +17,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .args import ModelConfig, TopKConfig
 from .llama import Transformer
 
+# The output's cache field: `cache` from transformers 5.24 on, `past_key_values` before.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+
 M, K = ModelConfig, TopKConfig  # field defaults come from the dataclasses: one source of truth
 
 
@@ -90,24 +93,24 @@ class TopKLlamaForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.model.output
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask=None, past_key_values=None, use_cache=None,
-                labels=None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+    def forward(self, input_ids: torch.LongTensor, attention_mask=None, cache=None, use_cache=None, labels=None,
+                logits_to_keep: int = 0, past_key_values=None, **kwargs) -> CausalLMOutputWithPast:
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("TopK LM: padded batches are not supported (attention_mask has zeros); "
                              "run prompts of different lengths one at a time")
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("TopK LM: inputs_embeds is not supported; pass input_ids")
+        cache = past_key_values if cache is None else cache  # transformers < 5.24 calls it past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        logits = self.model(input_ids, cache=past_key_values if use_cache else None)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        logits = self.model(input_ids, cache=cache if use_cache else None)
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
-
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
 
 AutoConfig.register(TopKLlamaConfig.model_type, TopKLlamaConfig, exist_ok=True)
 AutoModelForCausalLM.register(TopKLlamaConfig, TopKLlamaForCausalLM, exist_ok=True)
