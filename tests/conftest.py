@@ -1,8 +1,12 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+# The launchers (`deepspeed`, `mpirun`) live beside this interpreter: reachable as in an activated venv.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

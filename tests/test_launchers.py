@@ -57,12 +57,10 @@ def test_slurm_per_gpu_and_per_node():
 def test_slurm_rank_discovery_maps_slurm_variables(monkeypatch):
     from topk_ds.train.distributed import discover_ranks
 
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("SLURM_PROCID", "11")
-    monkeypatch.setenv("SLURM_NTASKS", "16")
-    monkeypatch.setenv("SLURM_LOCALID", "3")
-    monkeypatch.setenv("MASTER_ADDR", "gpu01")
+    # a private environment: discover_ranks writes RANK, WORLD_SIZE, ... which must not leak into later tests
+    launcher = {"SLURM_PROCID": "11", "SLURM_NTASKS": "16", "SLURM_LOCALID": "3", "MASTER_ADDR": "gpu01"}
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.endswith(("RANK", "WORLD_SIZE",
+                                        "MASTER_PORT")) and not k.startswith(("OMPI_", "PMI_", "SLURM_"))} | launcher)
     discover_ranks()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"], os.environ["MASTER_ADDR"]) == (
         "11", "16", "3", "gpu01")

@@ -44,13 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .convert.cli import add_commands as convert_commands
     from .corpus.cli import add_commands as corpus_commands
     from .data.cli import add_commands as data_commands
+    from .demo import add_commands as demo_commands
     from .evaluate.cli import add_commands as eval_commands
     from .plan import add_commands as plan_commands
     from .train.cli import add_commands as train_commands
 
     parser = Parser(prog="topk-ds", description="Train, convert, evaluate and analyse TopK language models.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for add in (corpus_commands, data_commands, _add_config_commands, train_commands, convert_commands, eval_commands, plan_commands, analysis_commands):
+    for add in (demo_commands, corpus_commands, data_commands, _add_config_commands, train_commands, convert_commands,
+                eval_commands, analysis_commands, plan_commands):
         add(commands)
     return parser
 

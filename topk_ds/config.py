@@ -93,6 +93,18 @@ _PRESETS = {
             "wandb": "disabled", "tensorboard": False,
         },
     },
+    # The demo (`topk-ds demo`): minutes on a 2-core CPU with 2 ranks (global batch 16 x 128 tokens).
+    "demo": {
+        "model": {"dim": 128, "n_layers": 4, "n_heads": 4, "ffn_dim": 256, "max_seq_len": 256},
+        "topk": {"k": 16, "n_nontopk": 2},
+        "data": {"seq_len": 128},
+        "train": {
+            "out_dir": "runs/demo", "steps": 800, "micro_batch": 8, "grad_accum": 1, "lr": 2e-3,
+            "warmup_ratio": 0.05, "precision": "fp32", "ds_config": "ds_configs/cpu.json",
+            "save_every": 200, "eval_every": 200, "eval_batches": 4, "health_window": 50,
+            "wandb": "disabled", "tensorboard": False,
+        },
+    },
     # The paper's configurations (D x L); ffn_dim is the Llama rule for D=1024 / 2048, kept fixed
     # when widening D (set it explicitly for the width ablations).
     "paper-1024x8": _paper(1024, 8, 2816),

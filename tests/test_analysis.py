@@ -1,0 +1,333 @@
+"""The interpretability toolkit: entropies against a naive re-implementation, sparse against dense
+accumulation, saved statistics, and ground truth on the tiny TopK run (a concept neuron that matches
+a planted topic, and steering with it), tracing over checkpoints, the browser, and bad inputs."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import RUN_SAVE_EVERY, RUN_STEPS, run_cli
+from test_eval import assert_clean_failure
+
+STATS_TOKENS = 60_000
+
+
+# --- entropies against a naive reference -----------------------------------------------------------
+
+def naive_token_entropy(abar: np.ndarray) -> np.ndarray:
+    out = []
+    for column in abar.T:
+        if column.sum() == 0:
+            out.append(math.nan)
+            continue
+        p = column / column.sum()
+        out.append(-sum(x * math.log(x) for x in p if x > 0))
+    return np.array(out)
+
+
+def naive_semantic_entropy(abar, freq, emb, q=99.0, ratio=0.7, bins=100):
+    out, sizes = [], []
+    for column in abar.T:
+        theta = ratio * np.percentile(column, q)
+        s = [v for v in range(len(column)) if column[v] > theta]
+        sizes.append(len(s))
+        if len(s) < 2:
+            out.append(math.nan)
+            continue
+        hist = np.zeros(bins)
+        for u in s:
+            for v in s:
+                if u != v:
+                    cos = emb[u] @ emb[v] / (np.linalg.norm(emb[u]) * np.linalg.norm(emb[v]))
+                    hist[min(int((cos + 1) / 2 * bins), bins - 1)] += freq[u] * freq[v]
+        p = hist / hist.sum()
+        out.append(-sum(x * math.log(x) for x in p if x > 0))
+    return np.array(out), np.array(sizes)
+
+
+@pytest.fixture
+def random_layer():
+    """abar (V, D) with dead, single-token and ordinary neurons; corpus counts; an embedding."""
+    g = torch.Generator().manual_seed(1)
+    V, D, E = 80, 14, 16
+    abar = torch.rand(V, D, generator=g) * (torch.rand(V, D, generator=g) < 0.3)
+    abar[:, 0] = 0  # never fired
+    abar[:, 1] = 0
+    abar[5, 1] = 2.0  # one token only: |S| = 1
+    freq = torch.randint(1, 50, (V,), generator=g)
+    emb = torch.randn(V, E, generator=g)
+    return abar, freq, emb
+
+
+def test_token_entropy_matches_naive(random_layer):
+    from topk_ds.analysis.entropy import token_entropy
+
+    abar, _, _ = random_layer
+    ours, ref = token_entropy(abar).numpy(), naive_token_entropy(abar.double().numpy())
+    assert np.isnan(ours[0]) and np.isnan(ref[0]) and ours[1] == 0.0
+    np.testing.assert_allclose(ours[2:], ref[2:], rtol=1e-5)
+    assert (ours[2:] <= math.log(len(abar)) + 1e-6).all()
+
+
+@pytest.mark.parametrize("q, ratio, bins", [(99.0, 0.7, 100), (90.0, 0.5, 20)])
+def test_semantic_entropy_matches_naive(random_layer, q, ratio, bins):
+    from topk_ds.analysis.entropy import semantic_entropy
+
+    abar, freq, emb = random_layer
+    ours, size, theta = semantic_entropy(abar, freq, emb, q, ratio, bins)
+    ref, ref_size = naive_semantic_entropy(abar.double().numpy(), freq.numpy(), emb.double().numpy(), q, ratio, bins)
+    np.testing.assert_array_equal(size.numpy(), ref_size)
+    assert np.isnan(ours[1].item()) and size[1] == 1  # |S| < 2: no semantic entropy
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-5, equal_nan=True)
+    assert np.nanmax(ours.numpy()) <= math.log(bins)
+    np.testing.assert_allclose(theta.numpy(), ratio * np.percentile(abar.numpy(), q, axis=0), rtol=1e-5)
+
+
+# --- accumulation ------------------------------------------------------------------------------------
+
+def accumulate(k, acts_batches, tokens_batches, contexts, top=5):
+    from topk_ds.analysis.stats import LayerStats
+
+    V, D = 30, acts_batches[0].shape[1]
+    ls = LayerStats.empty(0, V, D, k, top=top, context=contexts.shape[-1])
+    offset = 0
+    for acts, tokens in zip(acts_batches, tokens_batches):
+        ls.update(acts, tokens, lambda pos, o=offset: contexts[o + pos])
+        offset += len(acts)
+    return ls
+
+
+def test_sparse_and_dense_accumulation_agree_with_brute_force():
+    """A TopK layer's output accumulated on its k indices only equals the dense accumulation, and the
+    streamed top contexts equal the best activations over all positions."""
+    from topk_ds.model.topk import topk_activation
+
+    g = torch.Generator().manual_seed(2)
+    N, D, k, V = 400, 48, 6, 30
+    acts = topk_activation(torch.randn(N, D, generator=g), k)  # <= k non-zeros per row
+    tokens = torch.randint(0, V, (N,), generator=g)
+    contexts = torch.arange(N * 3, dtype=torch.int32).view(N, 3)  # a context that names its position
+    batches = [slice(0, 70), slice(70, 250), slice(250, N)]
+    sparse = accumulate(k, [acts[b] for b in batches], [tokens[b] for b in batches], contexts)
+    dense = accumulate(None, [acts[b] for b in batches], [tokens[b] for b in batches], contexts)
+
+    expected = torch.zeros(V, D).index_add_(0, tokens, acts)
+    torch.testing.assert_close(sparse.sums, expected)
+    torch.testing.assert_close(dense.sums, expected)
+    assert torch.equal(sparse.fires, (acts > 0).sum(0)) and torch.equal(dense.fires, sparse.fires)
+    best, where = acts.topk(5, dim=0)  # (5, D)
+    for ls in (sparse, dense):
+        torch.testing.assert_close(ls.top_values, best.T.clamp(min=0))
+        live = best.T > 0
+        assert torch.equal(ls.top_contexts[live], contexts[where.T[live]])
+        assert (ls.top_contexts[~live] == -1).all()
+
+
+@pytest.fixture(scope="module")
+def stats_dir(tiny_hf, synthetic_data, tmp_path_factory):
+    """`topk-ds analyze stats` of the tiny run's converted model over its training data."""
+    out = tmp_path_factory.mktemp("stats") / "tiny"
+    proc = run_cli("analyze", "stats", tiny_hf, "--data", synthetic_data[1], "--tokens", STATS_TOKENS, "--seq-len", 64,
+                   "--out", out)
+    assert f"over {STATS_TOKENS:,} tokens" in proc.stdout
+    return out
+
+
+def test_stats_file_contents_and_round_trip(stats_dir, tiny_hf, synthetic_data):
+    from topk_ds import load
+    from topk_ds.analysis.stats import Stats
+
+    stats = Stats.load(stats_dir)
+    meta = stats.meta
+    assert meta["tokens"] == STATS_TOKENS and int(stats.counts.sum()) == STATS_TOKENS
+    assert [row["kind"] for row in meta["layers"]] == ["topk", "topk", "dense", "dense"]
+    assert [row["accumulation"] for row in meta["layers"]] == ["sparse", "sparse", "dense", "dense"]
+    assert meta["concepts"] and meta["concepts"].endswith("concepts.json")  # found beside the corpus
+    for row in meta["layers"][:2]:  # TopK layers: at most k = 8 non-zeros per token
+        assert 0 < row["l0"] <= 8
+    assert meta["layers"][2]["l0"] > 8
+    model, _ = load(tiny_hf)
+    stats.check_model(model)  # the fingerprint matches the model it came from
+    # saved and reloaded: equal
+    copy = Stats.load(stats.save(stats_dir.parent / "copy"))
+    assert copy.meta == stats.meta and copy.pieces == stats.pieces
+    assert torch.equal(copy.counts, stats.counts) and torch.equal(copy.embedding, stats.embedding)
+    for l, ls in stats.layers.items():
+        for name in ls.TENSORS:
+            assert torch.equal(getattr(copy.layers[l], name), getattr(ls, name)), name
+
+
+def test_stats_sparse_path_equals_dense_path_on_the_model(tiny_hf, synthetic_data):
+    """The same TopK layers accumulated sparsely (k indices) and densely (alpha forced just above 0
+    switches the collector to the dense path) give the same statistics up to float rounding."""
+    from topk_ds import load
+    from topk_ds.analysis.data import token_batches
+    from topk_ds.analysis.stats import collect
+
+    model, tok = load(tiny_hf)
+
+    def run():
+        batches = token_batches(synthetic_data[1], tok, model.config.vocab_size, 64, 8192, 16)
+        return collect(model, tok, batches, 8192, layers=[0, 1], progress=False)
+
+    sparse = run()
+    for m in model.model.topk_modules():
+        m.alpha = 1e-30  # numerically pure TopK, but not exactly 0: the collector accumulates densely
+    dense = run()
+    assert [r["accumulation"] for r in sparse.meta["layers"]] == ["sparse", "sparse"]
+    assert [r["accumulation"] for r in dense.meta["layers"]] == ["dense", "dense"]
+    for l in (0, 1):
+        torch.testing.assert_close(sparse.layers[l].sums, dense.layers[l].sums)
+        assert torch.equal(sparse.layers[l].fires, dense.layers[l].fires)
+        torch.testing.assert_close(sparse.layers[l].top_values, dense.layers[l].top_values)
+
+
+# --- ground truth on the synthetic corpus -----------------------------------------------------------
+
+def concept_neurons(stats_dir):
+    """Rows of every TopK-layer neuron whose top tokens are mostly one planted topic, strongest first."""
+    from topk_ds.analysis.concepts import Concepts
+    from topk_ds.analysis.report import LayerReport
+    from topk_ds.analysis.stats import Stats
+
+    stats = Stats.load(stats_dir)
+    concepts = Concepts.load(stats.meta["concepts"])
+    rows = []
+    for l in (0, 1):
+        view = LayerReport(stats, l, concepts)
+        rows += [view.summary(i) for i in range(stats.layers[l].dim)]
+    return sorted((r for r in rows if r["topic"] and r["precision"] >= 0.8), key=lambda r: -r["top_mean"])
+
+
+def test_analysis_finds_a_planted_topic_neuron(stats_dir, synthetic_data):
+    found = concept_neurons(stats_dir)
+    assert found, "no TopK neuron whose top tokens match one topic with precision >= 0.8"
+    best = found[0]
+    topics = json.loads((synthetic_data[0] / "concepts.json").read_text())["topics"]
+    proc = run_cli("analyze", "neuron", stats_dir, best["neuron"], "--json", stats_dir.parent / "neuron.json")
+    report = json.loads((stats_dir.parent / "neuron.json").read_text())
+    assert report["topic"] == best["topic"] and report["precision"] >= 0.8 and 0 < report["recall"] <= 1
+    words = [t["token"].strip() for t in report["top_tokens"]]
+    assert sum(w in topics[best["topic"]] for w in words) >= 8
+    assert report["contexts"] and all("[[" not in c["before"] for c in report["contexts"])
+    assert report["contexts"][0]["activation"] == pytest.approx(report["max_activation"])
+    assert f"topic: {best['topic']}" in proc.stdout and "top contexts" in proc.stdout
+
+
+def test_steering_a_topic_neuron_raises_its_topic_share(stats_dir, tiny_hf):
+    best = concept_neurons(stats_dir)[0]
+    out = stats_dir / "steering" / f"{best['layer']}_{best['index']}.json"
+    proc = run_cli("steer", tiny_hf, "--neuron", best["neuron"], "--offset", 8, "--samples", 6, "--max-new-tokens", 48,
+                   "--seed", 3, "--stats", stats_dir)
+    result = json.loads(out.read_text())
+    base, steered = result["offsets"]
+    assert result["topic"] == best["topic"] and base["offset"] == 0 and steered["offset"] == 8
+    assert len(base["texts"]) == len(steered["texts"]) == 6 and base["content_words"] > 0
+    assert steered["share"] > base["share"] + 0.1, (base["share"], steered["share"])
+    assert "(unsteered)" in proc.stdout and f"wrote 2 x 6 samples of neuron {best['neuron']}" in proc.stdout
+
+
+def test_steering_hook_reaches_every_generated_token(tiny_hf):
+    """Under the KV cache each new token passes through the block alone; the offset must reach it."""
+    from topk_ds import load
+    from topk_ds.analysis.steer import steered
+
+    model, tok = load(tiny_hf)
+    site, seen = model.model.sites()[0], []
+    prompt = tok("The chef", return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = model.model(prompt)
+        with steered(model, 0, 3, 100.0):
+            # registered after the steering hook, so it sees the steered pre-activation
+            handle = site.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+            model.generate(prompt, do_sample=False, max_new_tokens=5, min_new_tokens=5)
+            handle.remove()
+    assert [t.shape[1] for t in seen] == [prompt.shape[1], 1, 1, 1, 1]
+    assert all((t[..., 3] > 50).all() for t in seen)
+    assert torch.equal(model.model(prompt), plain)  # the hook is gone after the block
+
+
+# --- tracing, figures, the browser ------------------------------------------------------------------
+
+def test_trace_neuron_over_checkpoints_and_layers(tiny_run, tmp_path):
+    proc = run_cli("analyze", "trace", tiny_run, "--neuron", "0:5", "--token", "chef", "--tokens", 4000,
+                   "--out", tmp_path)
+    result = json.loads((tmp_path / "trace-5-chef.json").read_text())
+    assert result["steps"] == list(range(RUN_SAVE_EVERY, RUN_STEPS + 1, RUN_SAVE_EVERY))
+    assert len(result["mean"]) == 4 and all(len(row) == 3 for row in result["mean"])
+    assert result["count"] > 0 and all(v >= 0 for row in result["mean"] for v in row)
+    assert (tmp_path / "trace-5-chef.png").read_bytes()[:4] == b"\x89PNG"
+    assert "3 checkpoints" in proc.stdout
+
+
+def test_trace_entropy_over_training(tiny_run, tmp_path):
+    run_cli("analyze", "trace", tiny_run, "--entropy", "--tokens", 4000, "--out", tmp_path)
+    result = json.loads((tmp_path / "entropy-trace.json").read_text())
+    assert result["steps"] == list(range(RUN_SAVE_EVERY, RUN_STEPS + 1, RUN_SAVE_EVERY))
+    assert [row["kind"] for row in result["layers"]] == ["topk", "topk", "dense", "dense"]
+    for row in result["layers"]:
+        assert len(row["token"]) == len(row["semantic"]) == 3
+        assert all(s["p5"] <= s["mean"] <= s["p95"] for s in row["token"])
+    assert (tmp_path / "entropy-trace.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_entropy_comparison_figure(stats_dir, tiny_run, synthetic_data, tmp_path):
+    """Figure 3 for the converted model and an earlier checkpoint read straight from DeepSpeed."""
+    early = tmp_path / "early"
+    run_cli("analyze", "stats", tiny_run, "--tag", f"global_step{RUN_SAVE_EVERY}", "--data", synthetic_data[1],
+            "--tokens", 20000, "--seq-len", 64, "--out", early)
+    proc = run_cli("analyze", "entropy", stats_dir, early, "--names", "final", "early", "--compare", tmp_path / "fig3.png")
+    assert (tmp_path / "fig3.png").read_bytes()[:4] == b"\x89PNG"
+    assert "final:" in proc.stdout and "early:" in proc.stdout and "topk" in proc.stdout
+
+
+def test_browser_is_self_contained(stats_dir, tmp_path):
+    from topk_ds.analysis.stats import Stats
+
+    site = tmp_path / "site"
+    proc = run_cli("analyze", "browse", stats_dir, "--out", site)
+    dims = [ls.dim for ls in Stats.load(stats_dir).layers.values()]
+    pages = list((site / "neurons").glob("*.html"))
+    assert len(pages) == sum(dims) and f"({sum(dims)} neuron pages)" in proc.stdout
+    for page in [site / "index.html", site / "layer0.html", *pages[:50]]:
+        html = page.read_text()
+        assert "http://" not in html and "https://" not in html and "<script src" not in html
+    layer = (site / "layer0.html").read_text()
+    assert "<th>token entropy</th>" in layer and "<th>topic</th>" in layer and "neurons/0_0.html" in layer
+    # a neuron steered earlier in this module shows its samples on its page
+    steered = sorted((stats_dir / "steering").glob("*.json"))
+    if steered:
+        l, i = steered[0].stem.split("_")
+        assert "unsteered" in (site / "neurons" / f"{l}_{i}.html").read_text()
+
+
+# --- bad input: one line, exit != 0 ----------------------------------------------------------------
+
+def test_neuron_out_of_range_and_missing_layer(stats_dir, tiny_hf):
+    assert_clean_failure(run_cli("analyze", "neuron", stats_dir, "0:64", check=False),
+                         "neuron index 64 is out of range", "0..63")
+    assert_clean_failure(run_cli("analyze", "neuron", stats_dir, "9:0", check=False), "layer 9 is not in the statistics")
+    assert_clean_failure(run_cli("analyze", "neuron", stats_dir, "zero:1", check=False), "LAYER:INDEX")
+    assert_clean_failure(run_cli("steer", tiny_hf, "--neuron", "4:0", "--offset", 1, check=False),
+                         "layer 4 does not exist", "0..3")
+
+
+def test_stats_from_another_model_are_refused(stats_dir, tiny_run):
+    proc = run_cli("analyze", "neuron", tiny_run, "0:1", "--tag", f"global_step{RUN_SAVE_EVERY}", "--stats", stats_dir,
+                   check=False)
+    assert_clean_failure(proc, "come from another model", "recompute")
+
+
+def test_empty_data_is_refused(tiny_hf, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    proc = run_cli("analyze", "stats", tiny_hf, "--data", empty, "--out", tmp_path / "out", check=False)
+    assert_clean_failure(proc, "empty")
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "The chef cooks."}) + "\n")
+    proc = run_cli("analyze", "stats", tiny_hf, "--data", short, "--seq-len", 64, "--out", tmp_path / "out", check=False)
+    assert_clean_failure(proc, "holds no tokens to analyse")
+    assert not (tmp_path / "out").exists()
