@@ -101,7 +101,7 @@ _PRESETS = {
         "train": {
             "out_dir": "runs/demo", "steps": 800, "micro_batch": 8, "grad_accum": 1, "lr": 2e-3,
             "warmup_ratio": 0.05, "precision": "fp32", "ds_config": "ds_configs/cpu.json",
-            "save_every": 200, "eval_every": 200, "eval_batches": 4, "health_window": 50,
+            "save_every": 200, "keep_last": 4, "eval_every": 200, "eval_batches": 4, "health_window": 50,
             "wandb": "disabled", "tensorboard": False,
         },
     },

@@ -99,7 +99,7 @@ class Demo:
                        run / "checkpoints" / f"global_step{s.steps}" / "complete.json", lambda: self.train(name, run))
         for name in ("dense", "topk"):
             self.stage(f"convert the {name} model", p["hf"] / name / "config.json",
-                       lambda: self.topk_ds("convert", p["runs"] / name, p["hf"] / name, "--force"))
+                       lambda: self.topk_ds("convert", p["runs"] / name, p["hf"] / name))
         limit = ["--limit", s.eval_limit] if s.eval_limit else []
         self.stage("evaluate both (local lm-eval suite)", p["eval"] / "table.md",
                    lambda: self.topk_ds("eval", p["hf"] / "dense", p["hf"] / "topk", "--suite", "local", "--out",
@@ -107,7 +107,7 @@ class Demo:
         for name in ("dense", "topk"):
             self.stage(f"statistics and entropies of the {name} model", p["stats"] / name / "stats.json",
                        lambda: self.topk_ds("analyze", "stats", p["hf"] / name, "--data", p["data"], "--tokens",
-                                            s.stats_tokens, "--seq-len", 128, "--out", p["stats"] / name, "--force"))
+                                            s.stats_tokens, "--seq-len", 128, "--out", p["stats"] / name))
         self.stage("entropy per layer (Figure 3)", self.out / "entropy.png",
                    lambda: self.topk_ds("analyze", "entropy", p["stats"] / "dense", p["stats"] / "topk", "--names",
                                         "dense", "TopK", "--compare", self.out / "entropy.png"))

@@ -76,13 +76,15 @@ def _collect(model, tokenizer, a, layers):
 def _stats(a):
     from ..convert.hf_export import load
     from .concepts import Concepts
+    from .data import check_data
 
     out = Path(a.out)
     if (out / "stats.json").exists() and not a.force:
         raise UserError(f"{out} already holds statistics; pass --force to replace them")
+    check_data(a.data)  # before the model is loaded: a wrong path fails at once
+    concepts = Concepts.load(a.concepts) if a.concepts else Concepts.beside(a.data)
     model, tokenizer = load(a.model, tag=a.tag)
     stats = _collect(model, tokenizer, a, a.layers)
-    concepts = Concepts.load(a.concepts) if a.concepts else Concepts.beside(a.data)
     stats.meta |= {"model": str(a.model), "data": str(a.data), "split": a.split,
                    "concepts": str(concepts.path.resolve()) if concepts else None}
     stats.save(out)
@@ -154,19 +156,19 @@ def _trace(a):
     from .plots import entropy_over_training, neuron_heatmap
     from .trace import trace_entropy, trace_neuron
 
-    out = Path(a.out) if a.out else Path(a.run) / "analysis"
+    out = Path(a.out) if a.out else Path(a.run_dir) / "analysis"
     if a.entropy == bool(a.neuron):
         raise UserError("give either --neuron L:I --token WORD (Figure 5) or --entropy (Figure 4)")
     out.mkdir(parents=True, exist_ok=True)
     if a.entropy:
-        result = trace_entropy(a.run, a.data, a.tokens, a.seq_len)
+        result = trace_entropy(a.run_dir, a.data, a.tokens, a.seq_len)
         name = "entropy-trace"
         png = entropy_over_training(result, out / f"{name}.png")
     else:
         if not a.token:
             raise UserError("--neuron needs --token WORD: the token whose mean activation is traced")
         layer, index = parse_neuron(a.neuron) if ":" in a.neuron else (None, int(a.neuron))
-        result = trace_neuron(a.run, index, a.token, a.data, a.tokens, a.seq_len)
+        result = trace_neuron(a.run_dir, index, a.token, a.data, a.tokens, a.seq_len)
         if layer is not None and not 0 <= layer < len(result["mean"]):
             raise UserError(f"layer {layer} does not exist: the model has layers 0..{len(result['mean']) - 1}")
         name = f"trace-{index}-{a.token}"
@@ -272,7 +274,7 @@ def add_commands(commands) -> None:
     p.set_defaults(run=_neuron)
 
     p = sub.add_parser("trace", help="a neuron over checkpoints x layers (Figure 5), or entropies over training (Figure 4)")
-    p.add_argument("run", metavar="RUN_DIR", help="a training run directory (its checkpoints/ are read with load())")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory (its checkpoints/ are read with load())")
     p.add_argument("--neuron", metavar="L:I", help="neuron index I to trace in every layer (L is marked in the figure)")
     p.add_argument("--token", metavar="WORD", help="the token whose mean activation is traced (one token of the vocabulary)")
     p.add_argument("--entropy", action="store_true", help="per-layer entropy distributions over training steps")

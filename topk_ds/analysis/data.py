@@ -14,6 +14,18 @@ def is_prepared(data) -> bool:
     return (Path(data) / MANIFEST).is_file()
 
 
+def check_data(data) -> None:
+    """Fail early on data that cannot be read: a prepared directory's manifest, or text files that exist."""
+    if is_prepared(data):
+        from ..data.manifest import read_manifest
+
+        read_manifest(data)
+    else:
+        from ..data.sources import resolve
+
+        resolve([str(data)])
+
+
 def token_batches(data, tokenizer, vocab_size: int, seq_len: int, max_tokens: int, batch_windows: int,
                   split: str = "train"):
     """Yield (B, seq_len) int64 batches of non-overlapping windows, ceil(max_tokens / seq_len) windows

@@ -2,6 +2,8 @@
 directory, one DeepSpeed tag (ZeRO-0...3), a converted Hugging Face directory, or a single
 torch/safetensors state dict. ZeRO shards are consolidated by DeepSpeed's own zero_to_fp32."""
 
+import contextlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +103,8 @@ def read_weights(source: Source) -> dict[str, torch.Tensor]:
     elif list(source.path.glob("*zero_pp_rank_*_optim_states.pt")):  # ZeRO-1/2/3 shards
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(source.path.parent), tag=source.path.name)
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints four lines of progress per checkpoint
+            state = get_fp32_state_dict_from_zero_checkpoint(str(source.path.parent), tag=source.path.name)
     else:  # ZeRO-0: the module's weights are in the model-states file
         state = torch.load(source.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     return {k.removeprefix("module.").removeprefix("model."): v.float() for k, v in state.items()}

@@ -174,8 +174,8 @@ def document(rng: random.Random) -> dict:
 
 
 def cloze_item(rng: random.Random) -> dict:
-    """LAMBADA-style: a short document about its focus noun; the last word (the focus noun) has to
-    be recalled from the context."""
+    """LAMBADA-style: a short document about its focus noun, ending "... He verbs the <adjective>", so
+    the next word is a noun and the focus noun is the one to recall from the context."""
     while True:
         main, second = _topics(rng)
         writer = _Writer(rng, main, second, focus_share=0.35)
@@ -183,7 +183,7 @@ def cloze_item(rng: random.Random) -> dict:
         target = writer.focus[0]
         if context.split().count(target) + context.split().count(target + ".") >= 2:
             break
-    ending = f"{rng.choice(SINGULAR_PRONOUNS).capitalize()} {writer.verb()[1]} the"
+    ending = f"{rng.choice(SINGULAR_PRONOUNS).capitalize()} {writer.verb()[1]} the {writer.adj()}"
     return {"context": f"{context} {ending}", "target": target, "topic": main.name}
 
 
@@ -191,7 +191,7 @@ def choice_item(rng: random.Random, n_choices: int = 4) -> dict:
     """Multiple choice: which next sentence stays on the topic of the context? Every choice uses the
     same template; only the topic of its words differs."""
     main, second = _topics(rng)
-    context = _Writer(rng, main, None).paragraphs(rng.randint(4, 6)).replace("\n\n", " ")
+    context = " ".join(_Writer(rng, main, None).sentence() for _ in range(2))  # short: the task is not trivial
     others = rng.sample([t for t in TOPIC_LIST if t is not main], n_choices - 1)
     label = rng.randrange(n_choices)
     options = others[:label] + [main] + others[label:]
