@@ -36,7 +36,8 @@ class DemoSettings:
     ranks: int = 2  # DeepSpeed CPU ranks
     stats_tokens: int = 200_000  # tokens the statistics run over
     eval_limit: int | None = None  # items per lm-eval task (None: all)
-    offsets: list[float] = field(default_factory=lambda: [4.0, 8.0, 16.0])  # steering offsets
+    # steering offsets, in multiples of the neuron's largest activation in the statistics (the scale it fires at)
+    offset_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     samples: int = 5  # steering samples per offset
     seed: int = 0
 
@@ -92,7 +93,8 @@ class Demo:
                                         "--vocab-size", s.vocab, "--out", p["tokenizer"]))
         self.stage("token shards", p["data"] / "manifest.json",
                    lambda: self.topk_ds("data", "prepare", "--input", p["corpus"] / "corpus.jsonl", "--tokenizer",
-                                        p["tokenizer"], "--out", p["data"], "--val-tokens", 50_000))
+                                        p["tokenizer"], "--out", p["data"], "--val-tokens",
+                                        min(50_000, 12 * s.docs)))  # ~5 % of the tokens
         for name in ("dense", "topk"):
             run = p["runs"] / name
             self.stage(f"train the {name} model ({s.ranks} DeepSpeed ranks)",
@@ -113,10 +115,11 @@ class Demo:
                                         "dense", "TopK", "--compare", self.out / "entropy.png"))
         best = self.best_neuron()
         layer, index = best["layer"], best["index"]
+        offsets = [round(f * best["max_activation"], 1) for f in s.offset_scales]
         self.stage(f"steer with concept neuron {layer}:{index} ({best['label']})",
                    p["stats"] / "topk" / "steering" / f"{layer}_{index}.json",
                    lambda: self.topk_ds("steer", p["hf"] / "topk", "--neuron", f"{layer}:{index}",
-                                        *[a for c in s.offsets for a in ("--offset", c)], "--samples", s.samples,
+                                        *[a for c in offsets for a in ("--offset", c)], "--samples", s.samples,
                                         "--seed", s.seed, "--stats", p["stats"] / "topk"))
         word = best["top_word"]
         self.stage(f"trace neuron index {index} on '{word}' over checkpoints (Figure 5)",
@@ -182,23 +185,24 @@ class Demo:
         rows = []
         for meta in stats.meta["layers"]:
             view = LayerReport(stats, meta["layer"], concepts)
-            top = view.top_ids[0].tolist()
+            top = view.top_ids.T.tolist()  # (D, n) token ids, best first
             for i in range(stats.layers[meta["layer"]].dim):
-                rows.append(view.summary(i) | {"kind": meta["kind"], "top_piece": stats.pieces[top[i]]})
+                rows.append(view.summary(i) | {"kind": meta["kind"], "top_pieces": [stats.pieces[v] for v in top[i]]})
         return rows
 
     def best_neuron(self) -> dict:
         """The steering candidate: a concept neuron of a TopK layer (precision >= the bar) with the
-        strongest top activation (weak neurons do not steer, DESIGN §5); failing that, the purest."""
-        from .analysis.concepts import word_of
+        strongest top activation (weak neurons do not steer, DESIGN §5); failing that, the purest.
+        Its `top_word` (traced over checkpoints) is its best-ranked token that is a word of its topic."""
+        from .analysis.concepts import Concepts, word_of
 
-        rows = [r for r in self.concept_rows("topk") if r["kind"] == "topk" and r.get("topic")
-                and word_of(r["top_piece"])]
+        rows = [r for r in self.concept_rows("topk") if r["kind"] == "topk" and r.get("topic")]
         if not rows:
             raise UserError("no TopK neuron has a topic word among its top tokens; train longer (--steps)")
         concept = [r for r in rows if r["precision"] >= PRECISION_BAR]
         best = max(concept, key=lambda r: r["top_mean"]) if concept else max(rows, key=lambda r: (r["precision"], r["top_mean"]))
-        return best | {"top_word": word_of(best["top_piece"])}
+        topic = Concepts.load(self.paths["corpus"] / "concepts.json").topics[best["topic"]]
+        return best | {"top_word": next(w for w in map(word_of, best["top_pieces"]) if w in topic)}
 
     def report(self, best: dict) -> str:
         from .analysis.concepts import Concepts
@@ -294,7 +298,9 @@ class Demo:
         result = json.loads((self.paths["stats"] / "topk" / "steering" / f"{best['layer']}_{best['index']}.json").read_text())
         lines = ["## Steering", "",
                  f"Neuron {result['neuron']} ({best['label']}; topic {result['topic']}, precision "
-                 f"{best['precision']:.2f}) gets the offset added to its pre-activation at every position; "
+                 f"{best['precision']:.2f}, largest activation {best['max_activation']:.2f}) gets the offset added "
+                 f"to its pre-activation at every position (offsets of {', '.join(f'{f:g}' for f in self.s.offset_scales)} "
+                 f"times its largest activation); "
                  f"{result['samples']} samples per offset from {result['prompt']!r} with the paper's sampling "
                  f"(temperature 0.7, top-p 0.9, top-k 50) and the same seed for every offset.", "",
                  f"| offset | share of generated content words in '{result['topic']}' | first sample |",
@@ -324,7 +330,7 @@ def _demo(a) -> None:
     if a.steps < 4 or a.docs < 1 or a.ranks < 1 or a.stats_tokens < 1:
         raise UserError("--steps must be >= 4; --docs, --ranks and --stats-tokens >= 1")
     settings = DemoSettings(docs=a.docs, vocab=a.vocab, steps=a.steps, ranks=a.ranks, stats_tokens=a.stats_tokens,
-                            eval_limit=a.eval_limit, offsets=a.offsets, samples=a.samples, seed=a.seed)
+                            eval_limit=a.eval_limit, offset_scales=a.offset_scales, samples=a.samples, seed=a.seed)
     Demo(Path(a.out), settings).run()
 
 
@@ -340,7 +346,8 @@ def add_commands(commands) -> None:
     p.add_argument("--stats-tokens", type=int, default=d.stats_tokens,
                    help=f"tokens for the statistics (default {d.stats_tokens:,})")
     p.add_argument("--eval-limit", type=int, default=None, help="items per evaluation task (default: all)")
-    p.add_argument("--offsets", type=float, nargs="+", default=d.offsets, help="steering offsets (default 4 8 16)")
+    p.add_argument("--offset-scales", type=float, nargs="+", default=d.offset_scales, metavar="F",
+                   help="steering offsets as multiples of the neuron's largest activation (default 1 2 4)")
     p.add_argument("--samples", type=int, default=d.samples, help=f"steering samples per offset (default {d.samples})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the corpus, the models and the sampling")
     p.set_defaults(run=_demo)
