@@ -99,3 +99,24 @@ def tiny_hf(tiny_run):
     """The tiny run's last checkpoint converted to a Hugging Face directory."""
     run_cli("convert", tiny_run)
     return tiny_run / "hf" / f"global_step{RUN_STEPS}"
+
+
+def assert_converts_with_parity(tag, out):
+    """`topk-ds convert` of one DeepSpeed tag; the converted model's logits equal the training model
+    class's (Transformer) with the checkpoint's fp32 weights as DeepSpeed consolidates them."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from topk_ds import load
+    from topk_ds.config import load_config
+    from topk_ds.model import Transformer
+
+    run_cli("convert", tag, out)
+    cfg = load_config(str(tag.parents[1] / "config.yaml"))
+    reference = Transformer(cfg.model, cfg.topk).eval()
+    reference.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name))
+    converted, _ = load(out)
+    assert converted.config.topk_alpha == 0.0 and converted.config.train_step == int(tag.name.removeprefix("global_step"))
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = reference(ids), converted(ids).logits
+    assert got.dtype == torch.float32 and (got - expected).abs().max().item() <= 1e-5

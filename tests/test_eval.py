@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import RUN_SAVE_EVERY, RUN_STEPS, run_cli
+from conftest import RUN_SAVE_EVERY, RUN_STEPS, assert_converts_with_parity, run_cli, train_tiny
 
 LIMIT = 60  # items per task: enough to tell a trained model from an untrained one, quick on CPU
 
@@ -236,6 +236,16 @@ def test_greedy_generation_same_with_and_without_cache(tiny_hf):
     without = model.generate(prompt, use_cache=False, **kw)
     assert with_cache.shape[1] == prompt.shape[1] + 24
     assert torch.equal(with_cache, without)
+
+
+def test_zero2_and_zero3_checkpoints_convert_with_logits_parity(tiny_run, synthetic_data, tmp_path):
+    """The tiny run (ZeRO-2, ds_configs/cpu.json) and a one-rank ZeRO-3 run of the same model."""
+    assert_converts_with_parity(tiny_run / "checkpoints" / f"global_step{RUN_STEPS}", tmp_path / "zero2")
+    run = tmp_path / "zero3"
+    train_tiny(synthetic_data[1], run, "train.steps=6", "train.save_every=6", "train.eval_every=0",
+               "train.ds_config=ds_configs/zero3_bf16.json", "topk.anneal_ratio=0.5")
+    assert json.loads((run / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
+    assert_converts_with_parity(run / "checkpoints" / "global_step6", tmp_path / "zero3-hf")
 
 
 def test_logits_parity_training_checkpoint_vs_converted(tiny_run, tiny_hf):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RUN_SAVE_EVERY, RUN_STEPS, run_cli, train_tiny
+from conftest import RUN_SAVE_EVERY, RUN_STEPS, assert_converts_with_parity, run_cli, train_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -91,7 +91,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(synthetic_data, tmp_path):
     assert proc.wait(timeout=120) == 0
     step = metrics(run)[-1]["step"]
     assert (run / f"checkpoints/global_step{step}/complete.json").exists()
-    assert f"SIGTERM: saved" in (run / "train.log").read_text()
+    assert "SIGTERM: saved" in (run / "train.log").read_text()
 
 
 def test_incomplete_latest_checkpoint_falls_back_to_the_previous(tiny_run, tmp_path):
@@ -177,6 +177,7 @@ def test_two_ranks_zero3_bf16_then_universal_resume_on_one_rank(synthetic_data, 
     two = metrics(run)
     assert len(two) == 16 and two[-1]["loss"] < two[0]["loss"] - 0.5 and two[0]["tokens"] == 16 * 64
     assert len(list((run / "checkpoints/global_step8").glob("*zero_pp_rank_*_optim_states.pt"))) == 2
+    assert_converts_with_parity(run / "checkpoints/global_step16", tmp_path / "hf")  # fp32 master weights
 
     universal = run / "checkpoints/global_step8_universal"
     subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",

@@ -15,6 +15,32 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def count(text: str) -> int:
+    """A whole-number argument that may be written 20e9 or 1_000_000; >= 0."""
+    text = text.replace("_", "")
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number (e.g. 1000000 or 20e9), got '{text}'") from None
+        if not value.is_integer():
+            raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'")
+        value = int(value)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive(text: str) -> int:
+    """A whole-number argument >= 1 (20e9 style accepted)."""
+    value = count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def config_args(p: argparse.ArgumentParser) -> None:
     """--config and --set, shared by every command that takes a run config."""
     p.add_argument("--config", default=None, help="a preset (tiny, paper-1024x8, paper-2048x24, each also "

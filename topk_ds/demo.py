@@ -191,18 +191,20 @@ class Demo:
         return rows
 
     def best_neuron(self) -> dict:
-        """The steering candidate: a concept neuron of a TopK layer (precision >= the bar) with the
-        strongest top activation (weak neurons do not steer, DESIGN §5); failing that, the purest.
-        Its `top_word` (traced over checkpoints) is its best-ranked token that is a word of its topic."""
+        """The steering candidate: among the TopK layers' concept neurons (precision >= the bar) whose
+        strongest token is a word of their topic, the purest, then the strongest (weak neurons do not
+        steer, DESIGN §5); failing that, any neuron whose strongest token is a topic word. Its
+        `top_word` is traced over the checkpoints."""
         from .analysis.concepts import Concepts, word_of
 
-        rows = [r for r in self.concept_rows("topk") if r["kind"] == "topk" and r.get("topic")]
+        topics = Concepts.load(self.paths["corpus"] / "concepts.json").topics
+        rows = [r for r in self.concept_rows("topk") if r["kind"] == "topk" and r.get("topic")
+                and word_of(r["top_pieces"][0]) in topics[r["topic"]]]
         if not rows:
-            raise UserError("no TopK neuron has a topic word among its top tokens; train longer (--steps)")
-        concept = [r for r in rows if r["precision"] >= PRECISION_BAR]
-        best = max(concept, key=lambda r: r["top_mean"]) if concept else max(rows, key=lambda r: (r["precision"], r["top_mean"]))
-        topic = Concepts.load(self.paths["corpus"] / "concepts.json").topics[best["topic"]]
-        return best | {"top_word": next(w for w in map(word_of, best["top_pieces"]) if w in topic)}
+            raise UserError("no TopK neuron's strongest token is a topic word; train longer (--steps)")
+        concept = [r for r in rows if r["precision"] >= PRECISION_BAR] or rows
+        best = max(concept, key=lambda r: (round(r["precision"], 2), r["top_mean"]))
+        return best | {"top_word": word_of(best["top_pieces"][0])}
 
     def report(self, best: dict) -> str:
         from .analysis.concepts import Concepts
@@ -309,6 +311,11 @@ class Demo:
             sample = " ".join(row["texts"][0].split())[:160].replace("|", "\\|")
             lines.append(f"| {row['offset']:+g} | {row['share']:.1%} ({row['topic_words']}/{row['content_words']}) | "
                          f"{sample} |")
+        base, *steered = result["offsets"]
+        top = max(steered, key=lambda r: r["share"])
+        verdict = "raised" if top["share"] > base["share"] else "did not raise"
+        lines += ["", f"Steering {verdict} the share of '{result['topic']}' words from {base['share']:.1%} (unsteered, "
+                  f"same seeds) to {top['share']:.1%} at offset {top['offset']:+g}."]
         return lines + [""]
 
 
@@ -335,6 +342,8 @@ def _demo(a) -> None:
 
 
 def add_commands(commands) -> None:
+    from .cli import positive
+
     d = DemoSettings()
     p = commands.add_parser("demo", help="the whole pipeline on the synthetic corpus: dense vs TopK, eval, analysis",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -343,7 +352,7 @@ def add_commands(commands) -> None:
     p.add_argument("--vocab", type=int, default=d.vocab, help=f"tokenizer vocabulary (default {d.vocab})")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps per model (default {d.steps})")
     p.add_argument("--ranks", type=int, default=d.ranks, help=f"DeepSpeed CPU ranks (default {d.ranks})")
-    p.add_argument("--stats-tokens", type=int, default=d.stats_tokens,
+    p.add_argument("--stats-tokens", type=positive, default=d.stats_tokens,
                    help=f"tokens for the statistics (default {d.stats_tokens:,})")
     p.add_argument("--eval-limit", type=int, default=None, help="items per evaluation task (default: all)")
     p.add_argument("--offset-scales", type=float, nargs="+", default=d.offset_scales, metavar="F",

@@ -4,6 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cli import positive
 from ..errors import UserError
 from .settings import BINS, PERCENTILE, PROMPT, THRESHOLD_RATIO, TOP, TRACE_TOKENS
 
@@ -231,7 +232,7 @@ def _entropy_args(p) -> None:
 def _data_args(p, required: bool) -> None:
     p.add_argument("--data", required=required, help="prepared data directory (`topk-ds data prepare`), or "
                    ".txt/.jsonl/.parquet files encoded with the model's tokenizer")
-    p.add_argument("--tokens", type=int, default=1_000_000, help="tokens to run over (default 1,000,000)")
+    p.add_argument("--tokens", type=positive, default=1_000_000, help="tokens to run over (default 1,000,000)")
     p.add_argument("--split", default="train", choices=("train", "val"), help="split of prepared data (default train)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="window length (default: the model's max_seq_len, at most 1024; use the training length)")
@@ -279,7 +280,7 @@ def add_commands(commands) -> None:
     p.add_argument("--token", metavar="WORD", help="the token whose mean activation is traced (one token of the vocabulary)")
     p.add_argument("--entropy", action="store_true", help="per-layer entropy distributions over training steps")
     p.add_argument("--data", help="data to run on (default: the run's data.path)")
-    p.add_argument("--tokens", type=int, default=TRACE_TOKENS, help=f"tokens per checkpoint (default {TRACE_TOKENS:,})")
+    p.add_argument("--tokens", type=positive, default=TRACE_TOKENS, help=f"tokens per checkpoint (default {TRACE_TOKENS:,})")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's data.seq_len)")
     p.add_argument("--out", help="output directory (default RUN_DIR/analysis)")
     p.set_defaults(run=_trace)

@@ -31,8 +31,10 @@ def entropy_by_layer(models: list[dict], out) -> Path:
             std = np.array([np.nanstd(v) if np.isfinite(v).any() else np.nan for v in m[key]])
             line, = ax.plot(m["layers"], mean, marker="o", label=m["name"])
             ax.fill_between(m["layers"], mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    layers = sorted({l for m in models for l in m["layers"]})
     for ax, title in zip(axes, ("token entropy", "semantic entropy")):
         ax.set(xlabel="layer", ylabel=f"{title} (nats)", title=f"{title}: mean ± std over neurons")
+        ax.set_xticks(layers)
         ax.grid(alpha=0.3)
     axes[0].legend()
     return _save(fig, out)

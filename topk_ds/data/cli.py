@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import config_args
+from ..cli import config_args, count, positive
 from .manifest import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_TOKENS
 from .sources import HELP as INPUT_HELP
 from .tokenizer import DEFAULT_SAMPLE_SENTENCES
@@ -78,13 +78,6 @@ def _verify(a):
     print(f"verified {a.dir}: {n} shards ({m['tokens']['total']:,} tokens) and the tokenizer match manifest.json")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_commands(commands) -> None:
     tok = commands.add_parser("tokenizer", help="train or import a Llama-style sentencepiece tokenizer")
     sub = tok.add_subparsers(dest="tokenizer_command", required=True, parser_class=type(tok))
@@ -94,10 +87,10 @@ def add_commands(commands) -> None:
                        "OUT/tokenizer.model plus the Hugging Face files: AutoTokenizer.from_pretrained(OUT) loads "
                        "offline and gives sentencepiece's ids (checked at save).")
     p.add_argument("--input", nargs="+", required=True, metavar="SRC", help=INPUT_HELP)
-    p.add_argument("--vocab-size", type=_positive, required=True, metavar="N", help="number of tokens (Llama: 32000)")
+    p.add_argument("--vocab-size", type=positive, required=True, metavar="N", help="number of tokens (Llama: 32000)")
     p.add_argument("--out", required=True, metavar="DIR", help="new output directory")
     p.add_argument("--text-field", default="text", metavar="NAME", help="the text field of jsonl/parquet records (default text)")
-    p.add_argument("--sample-sentences", type=_positive, default=DEFAULT_SAMPLE_SENTENCES, metavar="N",
+    p.add_argument("--sample-sentences", type=positive, default=DEFAULT_SAMPLE_SENTENCES, metavar="N",
                    help=f"train on a random sample of at most this many lines, so a big corpus stays bounded in "
                    f"memory (default {DEFAULT_SAMPLE_SENTENCES:,})")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
@@ -118,15 +111,15 @@ def add_commands(commands) -> None:
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="a tokenizer directory (`topk-ds tokenizer train/import`)")
     p.add_argument("--out", required=True, metavar="DIR", help="new output directory")
     p.add_argument("--text-field", default="text", metavar="NAME", help="the text field of jsonl/parquet/Hub records (default text)")
-    p.add_argument("--val-tokens", type=int, default=DEFAULT_VAL_TOKENS, metavar="N",
+    p.add_argument("--val-tokens", type=count, default=DEFAULT_VAL_TOKENS, metavar="N",
                    help=f"hold out at least this many tokens for validation, 0 for none (default {DEFAULT_VAL_TOKENS:,}; "
                    f"about 10M for FineWeb-Edu); an error if the corpus cannot give them")
-    p.add_argument("--max-tokens", type=_positive, default=None, metavar="N",
+    p.add_argument("--max-tokens", type=positive, default=None, metavar="N",
                    help="stop after this many tokens in total (the last document is cut); default: the whole input")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split (default 0)")
     p.add_argument("--strict", action="store_true",
                    help="fail on a document that is not valid UTF-8 (default: skip it and count it in the manifest)")
-    p.add_argument("--shard-tokens", type=_positive, default=DEFAULT_SHARD_TOKENS, metavar="N",
+    p.add_argument("--shard-tokens", type=positive, default=DEFAULT_SHARD_TOKENS, metavar="N",
                    help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")
     p.set_defaults(run=_prepare)
 
