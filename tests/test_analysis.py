@@ -78,12 +78,33 @@ def test_semantic_entropy_matches_naive(random_layer, q, ratio, bins):
 
     abar, freq, emb = random_layer
     ours, size, theta = semantic_entropy(abar, freq, emb, q, ratio, bins)
+    blocked, _, _ = semantic_entropy(abar, freq, emb, q, ratio, bins, block=3)  # |S| x |S| pairs in row blocks
+    torch.testing.assert_close(blocked, ours, equal_nan=True)
     ref, ref_size = naive_semantic_entropy(abar.double().numpy(), freq.numpy(), emb.double().numpy(), q, ratio, bins)
     np.testing.assert_array_equal(size.numpy(), ref_size)
     assert np.isnan(ours[1].item()) and size[1] == 1  # |S| < 2: no semantic entropy
     np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-5, equal_nan=True)
     assert np.nanmax(ours.numpy()) <= math.log(bins)
     np.testing.assert_allclose(theta.numpy(), ratio * np.percentile(abar.numpy(), q, axis=0), rtol=1e-5)
+
+
+def test_top_tokens_are_only_tokens_the_neuron_fires_on():
+    """A neuron that fires on two words has two top tokens, precision over those two, and a dead neuron
+    has none (not the lowest token ids)."""
+    from topk_ds.analysis.concepts import Concepts, label, top_tokens
+
+    pieces = ["<unk>", "<s>", "</s>", "▁chef", "▁soup", "▁king", "▁the", "▁war"]
+    abar = torch.zeros(8, 3)
+    abar[3, 0], abar[4, 0] = 2.0, 1.0  # neuron 0: chef, soup (food)
+    abar[5, 1], abar[7, 1], abar[6, 1] = 3.0, 2.0, 1.0  # neuron 1: king, war (history), the
+    counts = torch.full((8,), 10)
+    values, ids = top_tokens(abar, counts, n=5, min_count=1)
+    assert label(ids[:, 0], values[:, 0], pieces) == "chef/soup" and label(ids[:, 2], values[:, 2], pieces) == "-"
+    concepts = Concepts({"food": {"chef", "soup"}, "history": {"king", "war"}}, {"the"})
+    scores = concepts.score(abar, counts, torch.full((3,), 0.5), pieces, values, ids)
+    assert scores["topic"] == ["food", "history", None]
+    torch.testing.assert_close(scores["precision"], torch.tensor([1.0, 2 / 3, 0.0]))
+    torch.testing.assert_close(scores["recall"], torch.tensor([1.0, 1.0, 0.0]))
 
 
 # --- accumulation ------------------------------------------------------------------------------------
@@ -357,3 +378,24 @@ def test_empty_data_is_refused(tiny_hf, tmp_path):
     proc = run_cli("analyze", "stats", tiny_hf, "--data", short, "--seq-len", 64, "--out", tmp_path / "out", check=False)
     assert_clean_failure(proc, "holds no tokens to analyse")
     assert not (tmp_path / "out").exists()
+
+
+def test_settings_and_outputs_are_checked_before_any_work(stats_dir, tiny_hf, tiny_run, synthetic_data, tmp_path):
+    keep = tmp_path / "my-run"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    proc = run_cli("analyze", "stats", tiny_hf, "--data", synthetic_data[1], "--out", keep, check=False)
+    assert_clean_failure(proc, "holds no stats.json")
+    assert [p.name for p in keep.iterdir()] == ["notes.txt"]
+    proc = run_cli("analyze", "stats", tiny_hf, "--data", synthetic_data[1], "--out", tmp_path / "s", "--bins", 300,
+                   check=False)
+    assert_clean_failure(proc, "--bins 300 must be in [1, 255]")
+    assert_clean_failure(run_cli("analyze", "entropy", stats_dir, "--percentile", 120, check=False), "--percentile 120")
+    assert_clean_failure(run_cli("analyze", "browse", stats_dir, "--out", keep, check=False), "holds no index.html")
+    assert_clean_failure(run_cli("steer", tiny_hf, "--neuron", "0:1", "--offset", 2, "--topic", "food", check=False),
+                         "--topic needs", "--concepts")
+    assert_clean_failure(run_cli("analyze", "trace", tiny_run, "--neuron", "abc", "--token", "chef", check=False),
+                         "LAYER:INDEX")
+    assert_clean_failure(run_cli("analyze", "trace", tiny_run, "--neuron", "0:64", "--token", "chef", "--out",
+                                 tmp_path / "t", check=False), "index 64 is out of range")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "s").exists()

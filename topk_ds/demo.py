@@ -115,7 +115,10 @@ class Demo:
                                         "dense", "TopK", "--compare", self.out / "entropy.png"))
         best = self.best_neuron()
         layer, index = best["layer"], best["index"]
-        offsets = [round(f * best["max_activation"], 1) for f in s.offset_scales]
+        offsets = sorted({round(f * best["max_activation"], 1) for f in s.offset_scales} - {0.0})
+        if not offsets:
+            raise UserError(f"neuron {layer}:{index} fires too weakly (largest activation {best['max_activation']:.3g}) "
+                            "for --offset-scales to give an offset; train longer (--steps)")
         self.stage(f"steer with concept neuron {layer}:{index} ({best['label']})",
                    p["stats"] / "topk" / "steering" / f"{layer}_{index}.json",
                    lambda: self.topk_ds("steer", p["hf"] / "topk", "--neuron", f"{layer}:{index}",
@@ -324,18 +327,20 @@ def _fmt(x) -> str:
 
 
 def _show(bar, metrics: Path) -> None:
-    if not metrics.exists():
+    """Move the progress bar to the last step in metrics.jsonl (nothing yet, or a line being written: wait)."""
+    try:
+        last = json.loads(metrics.read_text().splitlines()[-1])
+    except (OSError, IndexError, ValueError):
         return
-    lines = metrics.read_text().splitlines()
-    if lines:
-        last = json.loads(lines[-1])
-        bar.update(last["step"] - bar.n)
-        bar.set_postfix(loss=f"{last['loss']:.3f}", alpha=f"{last['alpha']:.2f}", refresh=False)
+    bar.update(last["step"] - bar.n)
+    bar.set_postfix(loss=f"{last['loss']:.3f}", alpha=f"{last['alpha']:.2f}", refresh=False)
 
 
 def _demo(a) -> None:
-    if a.steps < 4 or a.docs < 1 or a.ranks < 1 or a.stats_tokens < 1:
-        raise UserError("--steps must be >= 4; --docs, --ranks and --stats-tokens >= 1")
+    if a.steps < 4 or a.docs < 1 or a.ranks < 1 or a.stats_tokens < 1 or a.samples < 1:
+        raise UserError("--steps must be >= 4; --docs, --ranks, --stats-tokens and --samples >= 1")
+    if not all(f > 0 for f in a.offset_scales):
+        raise UserError("--offset-scales must be > 0")
     settings = DemoSettings(docs=a.docs, vocab=a.vocab, steps=a.steps, ranks=a.ranks, stats_tokens=a.stats_tokens,
                             eval_limit=a.eval_limit, offset_scales=a.offset_scales, samples=a.samples, seed=a.seed)
     Demo(Path(a.out), settings).run()

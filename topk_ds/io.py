@@ -7,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+from .errors import UserError
+
 
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically: a temporary name in the same directory, then rename."""
@@ -20,7 +22,7 @@ def write_json(path: Path, obj) -> None:
 def atomic_output(path: Path):
     """Yield a temporary sibling of `path` (file or directory) to write into; on success it replaces
     `path` in one rename, on error it is removed and `path` is untouched."""
-    path = Path(path)
+    path = Path(path).resolve()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
     try:
@@ -28,9 +30,21 @@ def atomic_output(path: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
+    if path.is_dir() != tmp.is_dir() and path.exists():
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise UserError(f"{path} exists and is a {'directory' if path.is_dir() else 'file'}; choose another output")
     if path.is_dir():
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def check_replaceable(out: Path, marker: str, what: str) -> None:
+    """Refuse to replace a directory that holds something other than our own output (`marker` in it)."""
+    out = Path(out)
+    if out.is_file():
+        raise UserError(f"{out} is a file; {what} writes a directory there")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
+        raise UserError(f"{out} is not empty and holds no {marker}: {what} would replace it; choose another --out")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

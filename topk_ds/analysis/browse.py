@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..errors import UserError
 from ..io import atomic_output
 from .concepts import Concepts
 from .report import LayerReport
@@ -73,8 +74,11 @@ def _steering(stats_dir: Path) -> dict[str, list[dict]]:
     """Steering results saved beside the statistics (`topk-ds steer --stats DIR`), by neuron."""
     found = {}
     for path in sorted((stats_dir / "steering").glob("*.json")):
-        result = json.loads(path.read_text())
-        found.setdefault(result["neuron"], []).append(result)
+        try:
+            result = json.loads(path.read_text())
+            found.setdefault(result["neuron"], []).append(result)
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{path} is not a steering result of `topk-ds steer --stats`; remove it") from None
     return found
 
 

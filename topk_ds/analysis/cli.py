@@ -29,12 +29,45 @@ for semantic entropy a V'*V' byte table of cosine bins (V' = token ids seen). Fo
 131 MB per layer, and 1 GB for the table. Use --layers to analyse fewer layers."""
 
 
+def check_settings(a) -> None:
+    """The entropy and context settings, before any model is run."""
+    if not 0 <= a.percentile <= 100:
+        raise UserError(f"--percentile {a.percentile:g} must be in [0, 100]")
+    if a.threshold <= 0:
+        raise UserError(f"--threshold {a.threshold:g} must be > 0 (theta = THRESHOLD x percentile)")
+    if not 1 <= a.bins <= 255:
+        raise UserError(f"--bins {a.bins} must be in [1, 255]")
+    if getattr(a, "top_contexts", 0) < 0:
+        raise UserError(f"--top-contexts {a.top_contexts} must be >= 0")
+
+
 def parse_neuron(text: str) -> tuple[int, int]:
     try:
         layer, index = (int(x) for x in text.split(":"))
     except ValueError:
         raise UserError(f"neuron '{text}' must be LAYER:INDEX, e.g. 0:17") from None
     return layer, index
+
+
+def parse_index(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"neuron '{text}' must be LAYER:INDEX or INDEX, e.g. 0:17") from None
+
+
+def check_run_neuron(run_dir, layer: int | None, index: int) -> None:
+    """Check a neuron against a run's config.yaml (when it has one) before any checkpoint is read."""
+    from ..config import load_config
+
+    if not (Path(run_dir) / "config.yaml").is_file():
+        return
+    cfg = load_config(str(Path(run_dir) / "config.yaml"))
+    width = cfg.model.ffn_dim if cfg.topk.site == "mlp" else cfg.model.dim
+    if layer is not None and not 0 <= layer < cfg.model.n_layers:
+        raise UserError(f"layer {layer} does not exist: the model has layers 0..{cfg.model.n_layers - 1}")
+    if not 0 <= index < width:
+        raise UserError(f"neuron index {index} is out of range: the model has neurons 0..{width - 1}")
 
 
 def check_model_neuron(model, layer: int, index: int) -> None:
@@ -76,12 +109,15 @@ def _collect(model, tokenizer, a, layers):
 
 def _stats(a):
     from ..convert.hf_export import load
+    from ..io import check_replaceable
     from .concepts import Concepts
     from .data import check_data
 
     out = Path(a.out)
+    check_replaceable(out, "stats.json", "analyze stats")
     if (out / "stats.json").exists() and not a.force:
         raise UserError(f"{out} already holds statistics; pass --force to replace them")
+    check_settings(a)
     check_data(a.data)  # before the model is loaded: a wrong path fails at once
     concepts = Concepts.load(a.concepts) if a.concepts else Concepts.beside(a.data)
     model, tokenizer = load(a.model, tag=a.tag)
@@ -99,6 +135,7 @@ def _entropy(a):
 
     if a.names and len(a.names) != len(a.stats):
         raise UserError(f"--names gives {len(a.names)} names for {len(a.stats)} statistics directories")
+    check_settings(a)
     models = []
     for j, path in enumerate(a.stats):
         stats = Stats.load(path)
@@ -123,13 +160,14 @@ def _entropy(a):
 
 
 def _neuron(a):
-    import json
-
     from ..convert.hf_export import load
+    from ..io import write_json
     from .report import LayerReport, format_report
     from .stats import Stats
 
     layer, index = parse_neuron(a.neuron)
+    if a.data:
+        check_settings(a)
     if _is_stats(a.model):
         stats = Stats.load(a.model, layers=[layer])
     else:
@@ -146,7 +184,8 @@ def _neuron(a):
     report = LayerReport(stats, layer, _concepts(a.concepts, stats)).neuron(index, a.contexts)
     print(format_report(report))
     if a.json:
-        Path(a.json).write_text(json.dumps(report, indent=1))
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(a.json), report)
         print(f"wrote the report of neuron {a.neuron} to {a.json}")
     else:
         print(f"printed the report of neuron {a.neuron} (nothing written; --json FILE saves it)")
@@ -160,18 +199,18 @@ def _trace(a):
     out = Path(a.out) if a.out else Path(a.run_dir) / "analysis"
     if a.entropy == bool(a.neuron):
         raise UserError("give either --neuron L:I --token WORD (Figure 5) or --entropy (Figure 4)")
+    if a.neuron and not a.token:
+        raise UserError("--neuron needs --token WORD: the token whose mean activation is traced")
+    if a.neuron:
+        layer, index = parse_neuron(a.neuron) if ":" in a.neuron else (None, parse_index(a.neuron))
+        check_run_neuron(a.run_dir, layer, index)
     out.mkdir(parents=True, exist_ok=True)
     if a.entropy:
         result = trace_entropy(a.run_dir, a.data, a.tokens, a.seq_len)
         name = "entropy-trace"
         png = entropy_over_training(result, out / f"{name}.png")
     else:
-        if not a.token:
-            raise UserError("--neuron needs --token WORD: the token whose mean activation is traced")
-        layer, index = parse_neuron(a.neuron) if ":" in a.neuron else (None, int(a.neuron))
         result = trace_neuron(a.run_dir, index, a.token, a.data, a.tokens, a.seq_len)
-        if layer is not None and not 0 <= layer < len(result["mean"]):
-            raise UserError(f"layer {layer} does not exist: the model has layers 0..{len(result['mean']) - 1}")
         name = f"trace-{index}-{a.token}"
         png = neuron_heatmap(result, out / f"{name}.png", layer)
     write_json(out / f"{name}.json", result)
@@ -182,6 +221,9 @@ def _browse(a):
     from .browse import build_site
     from .stats import Stats
 
+    from ..io import check_replaceable
+
+    check_replaceable(Path(a.out), "index.html", "analyze browse")
     concepts = _concepts(a.concepts, Stats.load(a.stats, layers=[]))
     pages = build_site(a.stats, a.out, concepts, a.contexts)
     print(f"wrote a neuron browser ({pages} neuron pages) to {a.out}/index.html (opens from file://, no network)")
@@ -205,6 +247,8 @@ def _steer(a):
         stats.check_model(model)
     concepts = _concepts(a.concepts, stats)
     topic = a.topic
+    if topic is not None and concepts is None:
+        raise UserError("--topic needs the topics' words: pass --concepts concepts.json (or --stats DIR that recorded one)")
     if concepts is not None and topic is None:
         if stats is None:
             raise UserError("to score topic words, name the neuron's topic with --topic or pass --stats DIR to label it")

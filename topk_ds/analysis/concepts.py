@@ -1,7 +1,7 @@
 """Neuron labels from top tokens and, where the topics are known (the synthetic corpus writes
 concepts.json beside corpus.jsonl), scoring against them:
 
-    top tokens  the n token ids of largest abar among those seen at least `min_count` times
+    top tokens  the n token ids of largest abar (> 0) among those seen at least `min_count` times
     label       the first three top tokens, e.g. "chef/soup/kitchen"
     topic       the topic holding most of the top tokens (as whole words)
     precision   share of the top tokens that are words of that topic
@@ -32,14 +32,17 @@ def word_of(piece: str) -> str | None:
 
 
 def top_tokens(abar: torch.Tensor, counts: torch.Tensor, n: int = TOP_TOKENS, min_count: int = MIN_COUNT):
-    """(values, ids), each (n', D) best first, n' = min(n, ids seen >= min_count times)."""
+    """(values, ids), each (n', D) best first, n' = min(n, ids seen >= min_count times). A neuron with
+    fewer than n' tokens of positive abar has -inf in the rest of its column: those are no top tokens."""
     eligible = counts >= min_count
     n = min(n, int(eligible.sum()))
-    return abar.masked_fill(~eligible[:, None], float("-inf")).topk(n, dim=0)
+    return abar.masked_fill(~eligible[:, None] | (abar <= 0), float("-inf")).topk(n, dim=0)
 
 
-def label(ids, pieces: list[str]) -> str:
-    return "/".join(show(pieces[v]).strip() or show(pieces[v]) for v in ids[:3].tolist())
+def label(ids, values, pieces: list[str]) -> str:
+    """The first three top tokens ("chef/soup/kitchen"); "-" for a neuron that never fires."""
+    shown = [show(pieces[v]).strip() or show(pieces[v]) for v, x in zip(ids[:3].tolist(), values[:3].tolist()) if x > 0]
+    return "/".join(shown) or "-"
 
 
 class Concepts:
@@ -71,18 +74,21 @@ class Concepts:
                 return cls.load(found)
         return None
 
-    def score(self, abar, counts, theta, pieces: list[str], top_ids) -> dict:
-        """Every neuron of a layer at once: abar (V, D), theta (D,), top_ids (n, D) from top_tokens ->
-        topic (list of D names, None without a hit), precision (D,), recall (D,)."""
+    def score(self, abar, counts, theta, pieces: list[str], top_values, top_ids) -> dict:
+        """Every neuron of a layer at once: abar (V, D), theta (D,), top_values and top_ids (n, D) from
+        top_tokens -> topic (list of D names, None without a hit), precision (D,) over the neuron's top
+        tokens (those it fires on), recall (D,)."""
         index = {w: t for t, name in enumerate(self.names) for w in self.topics[name]}
         token_topic = torch.tensor([index.get(word_of(p), -1) for p in pieces])
-        hits = (token_topic[top_ids][..., None] == torch.arange(len(self.names))).sum(0)  # (D, topics)
+        fired = top_values > 0  # (n, D)
+        topic_of = token_topic[top_ids].masked_fill(~fired, -1)
+        hits = (topic_of[..., None] == torch.arange(len(self.names))).sum(0)  # (D, topics)
         best_hits, best = hits.max(dim=1)
         vocab = (token_topic[None, :] == torch.arange(len(self.names))[:, None]) & (counts > 0)  # (topics, V)
         found = vocab.float() @ (abar > theta).float()  # (topics, D)
         recall = (found / vocab.sum(1, keepdim=True).clamp(min=1)).gather(0, best[None]).squeeze(0)
         return {"topic": [self.names[t] if h else None for t, h in zip(best.tolist(), best_hits.tolist())],
-                "precision": best_hits / max(len(top_ids), 1), "recall": torch.where(best_hits > 0, recall, 0.0)}
+                "precision": best_hits / fired.sum(0).clamp(min=1), "recall": torch.where(best_hits > 0, recall, 0.0)}
 
     def share(self, texts: list[str], topic: str) -> tuple[int, int]:
         """(words of `topic`, content words) in `texts`; content words are all but the function words."""

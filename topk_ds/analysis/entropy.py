@@ -47,7 +47,7 @@ def cosine_bins(embedding: torch.Tensor, bins: int, block: int = 4096) -> torch.
 
 def semantic_entropy(abar: torch.Tensor, freq: torch.Tensor, embedding: torch.Tensor,
                      percentile_q: float = PERCENTILE, ratio: float = THRESHOLD_RATIO, bins: int = BINS,
-                     table: torch.Tensor | None = None):
+                     table: torch.Tensor | None = None, block: int = 1024):
     """-> (entropy (D,) NaN where |S| < 2, |S| (D,), theta (D,)). `table` is cosine_bins(embedding, bins)
     when the caller already has it (it costs V'^2 bytes and V'^2 E multiply-adds)."""
     theta = ratio * percentile(abar, percentile_q)
@@ -58,8 +58,11 @@ def semantic_entropy(abar: torch.Tensor, freq: torch.Tensor, embedding: torch.Te
     out = torch.full((abar.shape[1],), float("nan"))
     for i in (size >= 2).nonzero().flatten().tolist():
         s = above[:, i].nonzero().flatten()
-        w = freq[s, None] * freq[None, s]
-        w.fill_diagonal_(0)  # pairs u != v
-        hist = torch.bincount(table[s[:, None], s[None, :]].flatten(), w.flatten(), minlength=bins)
+        hist = torch.zeros(bins, dtype=torch.float64)
+        for start in range(0, len(s), block):  # |S| x |S| pairs, a block of rows at a time (bounded memory)
+            rows = s[start:start + block]
+            hist += torch.bincount(table[rows[:, None], s[None, :]].flatten(),
+                                   (freq[rows, None] * freq[None, s]).flatten(), minlength=bins)
+        hist -= torch.bincount(table[s, s], freq[s] ** 2, minlength=bins)  # pairs u != v only
         out[i] = torch.special.entr(hist / hist.sum()).sum()
     return out, size, theta

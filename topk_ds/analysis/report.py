@@ -30,7 +30,7 @@ class LayerReport:
         abar = stats.abar(layer)
         self.top_values, self.top_ids = top_tokens(abar, stats.counts, n, min_count)  # (n, D)
         self.scores = None if concepts is None else concepts.score(abar, stats.counts, self.ls.theta, stats.pieces,
-                                                                   self.top_ids)
+                                                                   self.top_values, self.top_ids)
 
     def summary(self, i: int) -> dict:
         """One neuron's row of the layer table."""
@@ -39,8 +39,8 @@ class LayerReport:
                "fires": int(ls.fires[i]), "frequency": int(ls.fires[i]) / tokens,
                "token_entropy": _number(ls.token_entropy[i]), "semantic_entropy": _number(ls.semantic_entropy[i]),
                "selected": int(ls.selected[i]), "max_activation": ls.top_values[i, 0].item() if ls.top_values.shape[1] else 0.0,
-               "top_mean": self.top_values[0, i].item() if len(self.top_values) else 0.0,
-               "label": label(self.top_ids[:, i], self.stats.pieces)}
+               "top_mean": max(self.top_values[0, i].item(), 0.0) if len(self.top_values) else 0.0,
+               "label": label(self.top_ids[:, i], self.top_values[:, i], self.stats.pieces)}
         if self.scores is not None:
             out |= {"topic": self.scores["topic"][i], "precision": self.scores["precision"][i].item(),
                     "recall": self.scores["recall"][i].item()}
@@ -55,7 +55,7 @@ class LayerReport:
             "layer_token_entropy_mean": row.get("token_entropy_mean"),
             "layer_semantic_entropy_mean": row.get("semantic_entropy_mean"),
             "top_tokens": [{"id": v, "token": show(stats.pieces[v]), "mean": m, "count": int(stats.counts[v])}
-                           for v, m in zip(self.top_ids[:, i].tolist(), self.top_values[:, i].tolist())],
+                           for v, m in zip(self.top_ids[:, i].tolist(), self.top_values[:, i].tolist()) if m > 0],
             "contexts": []}
         before = stats.meta["context_before"]
 

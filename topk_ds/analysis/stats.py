@@ -21,6 +21,7 @@ batches almost nothing passes and the merge touches only the few neurons that ga
 
 import hashlib
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -277,6 +278,8 @@ class Stats:
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(out) as tmp:
             tmp.mkdir()
+            if (out / "steering").is_dir():  # `topk-ds steer --stats` results survive a recomputation
+                shutil.copytree(out / "steering", tmp / "steering")
             save_file(tensors, tmp / "tensors.safetensors")
             (tmp / "vocab.json").write_text(json.dumps(self.pieces))
             write_json(tmp / "stats.json", self.meta)

@@ -104,7 +104,10 @@ def load(path, *, tag: str | None = None, alpha: float | None = None, config: st
 
     path = Path(path)
     if is_hf_dir(path):
-        model = TopKLlamaForCausalLM.from_pretrained(path).eval()
+        try:
+            model = TopKLlamaForCausalLM.from_pretrained(path).eval()
+        except Exception as e:  # missing, truncated or foreign weights: transformers and safetensors raise many types
+            raise UserError(f"cannot load the model in {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         if alpha is not None:
             model.model.set_alpha(alpha)
         tok_dir = path

@@ -1,6 +1,8 @@
 import argparse
 from pathlib import Path
 
+from ..cli import positive
+
 from .suites import LOCAL_DIR, LOCAL_SEED, SUITES
 
 
@@ -37,8 +39,8 @@ def add_commands(commands) -> None:
     p.add_argument("--tasks", nargs="+", metavar="T", help=f"run only these of the suite's tasks ({tasks})")
     p.add_argument("--out", type=Path, help="output directory (default: eval_results/SUITE in the working directory)")
     p.add_argument("--batch-size", type=_batch_size, default="16", help="lm-eval batch size, or auto (default 16)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N items of each task (for a quick look)")
-    p.add_argument("--max-length", type=int, default=256, help="context length (default 256, the paper's)")
+    p.add_argument("--limit", type=positive, help="evaluate only the first N items of each task (for a quick look)")
+    p.add_argument("--max-length", type=positive, default=256, help="context length (default 256, the paper's)")
     p.add_argument("--val-data", help="documents of the Valid. column: a prepared data directory (its validation "
                    "split) or a jsonl with a \"text\" field (default: the data the checkpoint models were trained on)")
     p.set_defaults(run=_eval)
