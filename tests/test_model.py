@@ -28,7 +28,7 @@ def copy_into_hf_llama(model: Transformer) -> LlamaForCausalLM:
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         wq, wk, wv = layer.attention.wqkv.weight.split((q, kv, kv))
-        w1, w3 = layer.feed_forward.w13.weight.chunk(2)
+        w1, w3 = layer.feed_forward.w1.weight, layer.feed_forward.w3.weight
         sd.update({p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk, p + "self_attn.v_proj.weight": wv,
                    p + "self_attn.o_proj.weight": layer.attention.wo.weight, p + "mlp.gate_proj.weight": w1,
                    p + "mlp.up_proj.weight": w3, p + "mlp.down_proj.weight": layer.feed_forward.w2.weight,

@@ -37,7 +37,7 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, dtype_bytes: int = 2, 
         attention  b(H + 2G)d       fused wqkv output (SDPA keeps v, a view into it)
                  + b(H + G)d        q and k after RoPE (SDPA's inputs; RoPE keeps only cos/sin)
                  + bHd + 4H         SDPA output (wo's input) and its fp32 logsumexp
-        SwiGLU     4bF              fused w13 output (silu keeps gate, the product keeps up),
+        SwiGLU     4bF              w1 output (silu keeps it), w3 output (the product keeps it),
                                     silu(gate), silu(gate) * up (w2's input)
         TopK       3k (+ W)         int16 indices and a bool "kept entry > 0" per kept entry (int64
                                     indices when W > 32767: 9k); the bool dense relu mask W only
@@ -83,7 +83,7 @@ def largest_layer_params(m) -> int:
     """The most parameters any one module holds directly (DeepSpeed's `model_to_params` rule): ZeRO-3
     gathers one module's parameters at a time."""
     V = m.vocab_size
-    return max(V * m.dim, 2 * m.ffn_dim * m.dim, (m.n_heads + 2 * m.kv_heads) * m.head_dim * m.dim)
+    return max(V * m.dim, m.ffn_dim * m.dim, (m.n_heads + 2 * m.kv_heads) * m.head_dim * m.dim)
 
 
 def model_state_bytes(total: int, largest: int, gpus_per_node: int, nodes: int, zero: int, offload: bool) -> tuple[int, int]:

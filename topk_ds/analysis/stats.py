@@ -67,13 +67,11 @@ class LayerStats:
         """acts (N, D) activations at N positions, tokens (N,) their ids; context_of(positions) -> (n, C)."""
         D = self.dim
         if self.k is not None:
-            values, idx = acts.topk(self.k, dim=-1, sorted=False)  # (N, k): every non-zero, plus zeros
-            values = values.clamp(min=0)
-            self.sums.view(-1).index_add_(0, (tokens[:, None] * D + idx).flatten(), values.flatten())
-            live = values > 0
-            self.fires += torch.bincount(idx[live], minlength=D)
-            positions = torch.arange(len(acts))[:, None].expand_as(idx)
-            self._offer(idx[live], values[live], positions[live], context_of)
+            positions, idx = (acts > 0).nonzero(as_tuple=True)  # at most k entries per position
+            values = acts[positions, idx]
+            self.sums.view(-1).index_add_(0, tokens[positions] * D + idx, values)
+            self.fires += torch.bincount(idx, minlength=D)
+            self._offer(idx, values, positions, context_of)
         else:
             acts = acts.clamp(min=0)
             self.sums.index_add_(0, tokens, acts)

@@ -76,18 +76,19 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(act(silu(w1 x) * w3 x)), w1 and w3 fused into one matmul; `act` is the TopK of
-    the mlp-site ablation and an identity otherwise."""
+    """SwiGLU: w2(act(silu(w1 x) * w3 x)); `act` is the TopK of the mlp-site ablation and an identity
+    otherwise. w1 and w3 stay two matmuls: fused, the halves of the output are strided views whose
+    elementwise ops and backward cost more on CPU than the fusion saves (bench/bench_model.py)."""
 
     def __init__(self, dim: int, ffn_dim: int, act: nn.Module):
         super().__init__()
-        self.w13 = nn.Linear(dim, 2 * ffn_dim, bias=False)
+        self.w1 = nn.Linear(dim, ffn_dim, bias=False)
         self.w2 = nn.Linear(ffn_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, ffn_dim, bias=False)
         self.act = act
 
     def forward(self, x):
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(self.act(F.silu(gate) * up))
+        return self.w2(self.act(F.silu(self.w1(x)) * self.w3(x)))
 
 
 class Block(nn.Module):
@@ -165,7 +166,8 @@ class Transformer(nn.Module):
             with gather(list(layer.parameters())):
                 nn.init.normal_(layer.attention.wqkv.weight, std=std)
                 nn.init.normal_(layer.attention.wo.weight, std=out_std)
-                nn.init.normal_(layer.feed_forward.w13.weight, std=std)
+                nn.init.normal_(layer.feed_forward.w1.weight, std=std)
+                nn.init.normal_(layer.feed_forward.w3.weight, std=std)
                 nn.init.normal_(layer.feed_forward.w2.weight, std=out_std)
                 nn.init.ones_(layer.attention_norm.weight)
                 nn.init.ones_(layer.ffn_norm.weight)
