@@ -32,7 +32,9 @@ class TrainConfig:
     out_dir: str = "runs/topk"  # the run directory: configs, checkpoints/, metrics.jsonl, logs
     steps: int = 40000  # optimizer steps (~20B tokens at the default batch)
     micro_batch: int = 16  # sequences per rank per micro-step
-    grad_accum: int = 4  # micro-steps per optimizer step (global batch = micro x accum x ranks)
+    # micro-steps per optimizer step; global batch = micro x accum x ranks: 512 x 1024 tokens on 8 GPUs
+    # (our default: the paper's batch size was lost)
+    grad_accum: int = 4
     lr: float = 3e-4  # peak learning rate (our default: the paper's value was lost)
     min_lr_ratio: float = 0.1  # cosine decays to lr x this (our default)
     warmup_ratio: float = 0.01  # linear warmup over this fraction of the steps (our default)

@@ -196,7 +196,7 @@ class Demo:
     def best_neuron(self) -> dict:
         """The steering candidate: among the TopK layers' concept neurons (precision >= the bar) whose
         strongest token is a word of their topic, the purest, then the strongest (weak neurons do not
-        steer, DESIGN §5); failing that, any neuron whose strongest token is a topic word. Its
+        steer); failing that, any neuron whose strongest token is a topic word. Its
         `top_word` is traced over the checkpoints."""
         from .analysis.concepts import Concepts, word_of
 

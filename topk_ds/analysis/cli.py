@@ -11,7 +11,7 @@ from .settings import BINS, PERCENTILE, PROMPT, THRESHOLD_RATIO, TOP, TRACE_TOKE
 STATS_HELP = """\
 Run MODEL (a converted directory, a run directory or a checkpoint tag) over --tokens tokens of
 DATA (prepared shards, or .txt/.jsonl/.parquet text encoded with the model's tokenizer) in one
-streaming pass, then compute token and semantic entropy (DESIGN §3) of every neuron, and save
+streaming pass, then compute token and semantic entropy (the paper's eq. 4-11, see topk_ds/analysis/entropy.py) of every neuron, and save
 
   OUT/stats.json           model fingerprint (config, alpha, step, weight hash), data, settings,
                            per-layer summary: L0, dead neurons, mean/std of both entropies

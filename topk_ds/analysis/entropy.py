@@ -1,4 +1,4 @@
-"""Token entropy and semantic entropy of every neuron of a layer (DESIGN §3, the paper's eq. 4-11).
+"""Token entropy and semantic entropy of every neuron of a layer (the paper's eq. 4-11).
 
 Inputs are over the token ids seen in the data: abar (V', D) the mean activation of each neuron per
 token id (non-negative), freq (V',) the corpus counts, and the input-embedding rows (V', E).

@@ -1,4 +1,4 @@
-"""The embedded default: a synthetic topic corpus (DESIGN §5), written as jsonl + concepts.json."""
+"""The embedded default: a synthetic topic corpus (the embedded default: concepts are planted, so analysis can be checked against them), written as jsonl + concepts.json."""
 
 import json
 import os

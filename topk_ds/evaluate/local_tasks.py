@@ -1,4 +1,4 @@
-"""The data of the `local` suite: items of the synthetic topic grammar (DESIGN §5), drawn with a fixed
+"""The data of the `local` suite: items of the synthetic topic grammar (topk_ds.corpus.grammar), drawn with a fixed
 seed from streams disjoint from the training corpus's ("train"), written as jsonl beside the task
 YAMLs in eval/local/. The files are shipped; `topk-ds eval-make-local` regenerates them."""
 
