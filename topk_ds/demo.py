@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .io import write_json
+from .io import atomic_output, write_json
 
 PRECISION_BAR = 0.8  # a "concept neuron": at least this share of its top tokens from one topic
 
@@ -132,7 +132,8 @@ class Demo:
         self.stage("neuron browser", p["site"] / "index.html",
                    lambda: self.topk_ds("analyze", "browse", p["stats"] / "topk", "--out", p["site"]))
         report = self.out / "report.md"
-        report.write_text(self.report(best))
+        with atomic_output(report) as tmp:
+            tmp.write_text(self.report(best))
         print(f"wrote the demo's report to {report} (neuron browser: {p['site'] / 'index.html'})")
         return report
 
