@@ -81,32 +81,26 @@ def _paper(dim: int, layers: int, ffn_dim: int) -> dict:
     }
 
 
+def _cpu(dim: int, ffn_dim: int, k: int, seq_len: int, **train) -> dict:
+    """A 4-layer model trained in fp32 on CPU ranks (ds_configs/cpu.json), without tensorboard or wandb."""
+    return {
+        "model": {"dim": dim, "n_layers": 4, "n_heads": 4, "ffn_dim": ffn_dim, "max_seq_len": 256},
+        "topk": {"k": k, "n_nontopk": 2},
+        "data": {"seq_len": seq_len},
+        "train": {"micro_batch": 8, "grad_accum": 1, "warmup_ratio": 0.05, "precision": "fp32",
+                  "ds_config": "ds_configs/cpu.json", "eval_batches": 4, "wandb": "disabled", "tensorboard": False,
+                  **train},
+    }
+
+
 # Named starting points. Every preset has a dense twin, NAME-dense, with topk.enabled=false.
 _PRESETS = {
     # The test model: seconds per run on one CPU core.
-    "tiny": {
-        "model": {"dim": 64, "n_layers": 4, "n_heads": 4, "ffn_dim": 128, "max_seq_len": 256},
-        "topk": {"k": 8, "n_nontopk": 2},
-        "data": {"seq_len": 64},
-        "train": {
-            "out_dir": "runs/tiny", "steps": 200, "micro_batch": 8, "grad_accum": 1, "lr": 3e-3,
-            "warmup_ratio": 0.05, "precision": "fp32", "ds_config": "ds_configs/cpu.json",
-            "save_every": 100, "eval_every": 50, "eval_batches": 4, "health_window": 20,
-            "wandb": "disabled", "tensorboard": False,
-        },
-    },
+    "tiny": _cpu(64, 128, 8, 64, out_dir="runs/tiny", steps=200, lr=3e-3, save_every=100, eval_every=50,
+                 health_window=20),
     # The demo (`topk-ds demo`): minutes on a 2-core CPU with 2 ranks (global batch 16 x 128 tokens).
-    "demo": {
-        "model": {"dim": 128, "n_layers": 4, "n_heads": 4, "ffn_dim": 256, "max_seq_len": 256},
-        "topk": {"k": 16, "n_nontopk": 2},
-        "data": {"seq_len": 128},
-        "train": {
-            "out_dir": "runs/demo", "steps": 800, "micro_batch": 8, "grad_accum": 1, "lr": 2e-3,
-            "warmup_ratio": 0.05, "precision": "fp32", "ds_config": "ds_configs/cpu.json",
-            "save_every": 200, "keep_last": 4, "eval_every": 200, "eval_batches": 4, "health_window": 50,
-            "wandb": "disabled", "tensorboard": False,
-        },
-    },
+    "demo": _cpu(128, 256, 16, 128, out_dir="runs/demo", steps=800, lr=2e-3, save_every=200, keep_last=4,
+                 eval_every=200, health_window=50),
     # The paper's configurations (D x L); ffn_dim is the Llama rule for D=1024 / 2048, kept fixed
     # when widening D (set it explicitly for the width ablations).
     "paper-1024x8": _paper(1024, 8, 2816),
@@ -246,8 +240,8 @@ def validate(cfg: Config) -> None:
     _check(m.vocab_size is None or m.vocab_size >= 2, f"model.vocab_size={m.vocab_size} must be >= 2 (or null: from the data)")
     _check(m.norm_eps > 0 and m.rope_theta > 0 and m.init_std > 0, "model.norm_eps, model.rope_theta and model.init_std must be > 0")
 
-    width = m.dim if t.site == "residual" else m.ffn_dim
     _check(t.site in ("residual", "mlp"), f"topk.site='{t.site}' must be one of: residual, mlp")
+    width = t.width(m)
     _check(1 <= t.k <= width, f"topk.k={t.k} exceeds {'model.dim' if t.site == 'residual' else 'model.ffn_dim'}={width}; choose 1 <= k <= {width}")
     _check(0 <= t.n_nontopk <= m.n_layers, f"topk.n_nontopk={t.n_nontopk} must be in [0, model.n_layers={m.n_layers}]")
     _check(t.act in ACTIVATIONS, f"topk.act='{t.act}' must be one of: {', '.join(ACTIVATIONS)}")

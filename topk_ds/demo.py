@@ -12,6 +12,7 @@ re-run with other settings is refused rather than mixing results.
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -48,6 +49,13 @@ class Demo:
         self.paths = {name: self.out / name for name in ("corpus", "tokenizer", "data", "runs", "hf", "eval", "stats", "site")}
         self.commands: list[str] = []
         self.timings: list[tuple[str, float, bool]] = []
+        self._rows: dict[str, list[dict]] = {}  # concept_rows, read once per model
+
+    @functools.cached_property
+    def concepts(self):
+        from .analysis.concepts import Concepts
+
+        return Concepts.load(self.paths["corpus"] / "concepts.json")
 
     # --- running -----------------------------------------------------------------------------------
 
@@ -180,28 +188,28 @@ class Demo:
 
     def concept_rows(self, name: str) -> list[dict]:
         """A row per neuron of every layer (LayerReport.summary), with the layer's kind."""
-        from .analysis.concepts import Concepts
         from .analysis.report import LayerReport
         from .analysis.stats import Stats
 
-        stats = Stats.load(self.paths["stats"] / name)
-        concepts = Concepts.load(self.paths["corpus"] / "concepts.json")
-        rows = []
-        for meta in stats.meta["layers"]:
-            view = LayerReport(stats, meta["layer"], concepts)
-            top = view.top_ids.T.tolist()  # (D, n) token ids, best first
-            for i in range(stats.layers[meta["layer"]].dim):
-                rows.append(view.summary(i) | {"kind": meta["kind"], "top_pieces": [stats.pieces[v] for v in top[i]]})
-        return rows
+        if name not in self._rows:
+            stats = Stats.load(self.paths["stats"] / name)
+            rows = []
+            for meta in stats.meta["layers"]:
+                view = LayerReport(stats, meta["layer"], self.concepts)
+                top = view.top_ids.T.tolist()  # (D, n) token ids, best first
+                rows += [view.summary(i) | {"kind": meta["kind"], "top_pieces": [stats.pieces[v] for v in top[i]]}
+                         for i in range(stats.layers[meta["layer"]].dim)]
+            self._rows[name] = rows
+        return self._rows[name]
 
     def best_neuron(self) -> dict:
         """The steering candidate: among the TopK layers' concept neurons (precision >= the bar) whose
         strongest token is a word of their topic, the purest, then the strongest (weak neurons do not
         steer); failing that, any neuron whose strongest token is a topic word. Its
         `top_word` is traced over the checkpoints."""
-        from .analysis.concepts import Concepts, word_of
+        from .analysis.concepts import word_of
 
-        topics = Concepts.load(self.paths["corpus"] / "concepts.json").topics
+        topics = self.concepts.topics
         rows = [r for r in self.concept_rows("topk") if r["kind"] == "topk" and r.get("topic")
                 and word_of(r["top_pieces"][0]) in topics[r["topic"]]]
         if not rows:
@@ -211,10 +219,7 @@ class Demo:
         return best | {"top_word": word_of(best["top_pieces"][0])}
 
     def report(self, best: dict) -> str:
-        from .analysis.concepts import Concepts
-
-        p, s = self.paths, self.s
-        concepts = Concepts.load(p["corpus"] / "concepts.json")
+        p, s, concepts = self.paths, self.s, self.concepts
         lines = ["# topk_ds demo", "",
                  f"A dense Llama and a TopK LM of the same shape (D=128, L=4, FFN 256; TopK k=16 on blocks 0-1, "
                  f"annealed over the first 20 % of steps) trained for {s.steps} steps each on the same "
@@ -227,7 +232,7 @@ class Demo:
                   self.entropy_table(), "",
                   "TopK layers (0-1) should show lower, narrower token and semantic entropy than the dense "
                   "model's same layers; the last two layers are dense in both models.", ""]
-        lines += self.concepts_section(concepts)
+        lines += self.concepts_section()
         lines += self.steering_section(best)
         trace = self.out / "trace" / f"trace-{best['index']}-{best['top_word']}.png"
         lines += ["## Figure 5: one neuron index across checkpoints and layers", "",
@@ -272,18 +277,15 @@ class Demo:
                         f"{fmt(t['semantic_entropy_mean'], t['semantic_entropy_std'])} | {t['l0']:.1f} |")
         return "\n".join(rows) + "\n\nStatistics over " + f"{self.s.stats_tokens:,} training tokens (natural log)."
 
-    def concepts_section(self, concepts) -> list[str]:
-        counts = {}
-        for name in ("dense", "topk"):
-            rows = [r for r in self.concept_rows(name) if r.get("topic") and r["precision"] >= PRECISION_BAR]
-            counts[name] = rows
+    def concepts_section(self) -> list[str]:
+        counts = {name: [r for r in self.concept_rows(name) if r.get("topic") and r["precision"] >= PRECISION_BAR]
+                  for name in ("dense", "topk")}
         lines = ["## Concept neurons", "",
                  f"A neuron is a concept neuron when at least {PRECISION_BAR:.0%} of its 10 top tokens (by mean "
                  "activation) are words of one planted topic; recall is the share of that topic's words above "
                  "the neuron's θ.", "", "| layer | dense: concept neurons (topics) | TopK: concept neurons (topics) |",
                  "|---|---:|---:|"]
-        layers = sorted({r["layer"] for rows in counts.values() for r in rows} | {0, 1, 2, 3})
-        for layer in layers:
+        for layer in sorted({r["layer"] for r in self.concept_rows("topk")}):
             cells = []
             for name in ("dense", "topk"):
                 here = [r for r in counts[name] if r["layer"] == layer]
@@ -296,7 +298,7 @@ class Demo:
         lines += [f"| {r['neuron']} | {r['label']} | {r['topic']} | {r['precision']:.2f} | {r['recall']:.2f} | "
                   f"{r['top_mean']:.2f} | {_fmt(r['token_entropy'])} |" for r in strongest]
         covered = sorted({r["topic"] for r in counts["topk"] if r["kind"] == "topk"})
-        lines += ["", f"Topics with a concept neuron in the TopK layers: {len(covered)} of {len(concepts.names)} "
+        lines += ["", f"Topics with a concept neuron in the TopK layers: {len(covered)} of {len(self.concepts.names)} "
                   f"({', '.join(covered) or 'none'}).", ""]
         return lines
 

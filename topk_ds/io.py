@@ -24,18 +24,22 @@ def atomic_output(path: Path):
     `path` in one rename, on error it is removed and `path` is untouched."""
     path = Path(path).resolve()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    _remove(tmp)
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
     if path.is_dir() != tmp.is_dir() and path.exists():
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise UserError(f"{path} exists and is a {'directory' if path.is_dir() else 'file'}; choose another output")
     if path.is_dir():
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def check_replaceable(out: Path, marker: str, what: str) -> None:

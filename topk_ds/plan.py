@@ -65,7 +65,7 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, dtype_bytes: int = 2, 
     attention = b * (H + 2 * G) * d + b * (H + G) * d + b * H * d + 4 * H
     swiglu = 4 * b * F
     dense_block = 2 * norm + attention + swiglu
-    width = D if t.site == "residual" else F
+    width = t.width(m)
     topk = (3 if width <= 32767 else 9) * t.k + (width if annealing and t.act == "relu" else 0)
     blocks = [dense_block + (topk if t.is_topk_layer(i, m.n_layers) else 0) for i in range(m.n_layers)]
     head = norm + 4 * V

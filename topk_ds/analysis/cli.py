@@ -59,24 +59,11 @@ def parse_index(text: str) -> int:
 def check_run_neuron(run_dir, layer: int | None, index: int) -> None:
     """Check a neuron against a run's config.yaml (when it has one) before any checkpoint is read."""
     from ..config import load_config
+    from .stats import check_neuron
 
-    if not (Path(run_dir) / "config.yaml").is_file():
-        return
-    cfg = load_config(str(Path(run_dir) / "config.yaml"))
-    width = cfg.model.ffn_dim if cfg.topk.site == "mlp" else cfg.model.dim
-    if layer is not None and not 0 <= layer < cfg.model.n_layers:
-        raise UserError(f"layer {layer} does not exist: the model has layers 0..{cfg.model.n_layers - 1}")
-    if not 0 <= index < width:
-        raise UserError(f"neuron index {index} is out of range: the model has neurons 0..{width - 1}")
-
-
-def check_model_neuron(model, layer: int, index: int) -> None:
-    from .stats import check_layers, site_width
-
-    t = model.model
-    check_layers([layer], t.cfg.n_layers)
-    if not 0 <= index < site_width(t):
-        raise UserError(f"neuron index {index} is out of range: layer {layer} has neurons 0..{site_width(t) - 1}")
+    if (Path(run_dir) / "config.yaml").is_file():
+        cfg = load_config(str(Path(run_dir) / "config.yaml"))
+        check_neuron(layer, index, cfg.model, cfg.topk)
 
 
 def _is_stats(path: str) -> bool:
@@ -94,13 +81,13 @@ def _concepts(explicit, stats=None):
 
 def _collect(model, tokenizer, a, layers):
     from .data import token_batches
-    from .stats import collect, compute_entropy, memory_bytes, site_width
+    from .stats import collect, compute_entropy, memory_bytes
 
     t = model.model
     seq_len = a.seq_len or min(t.cfg.max_seq_len, 1024)
     batches = token_batches(a.data, tokenizer, t.cfg.vocab_size, seq_len, a.tokens, max(1, a.batch_tokens // seq_len), a.split)
     n = len(layers) if layers else t.cfg.n_layers
-    print(f"accumulators for {n} layers: {memory_bytes(t.cfg.vocab_size, site_width(t), n, a.top_contexts) / 2**20:,.0f} MB",
+    print(f"accumulators for {n} layers: {memory_bytes(t.cfg.vocab_size, t.topk.width(t.cfg), n, a.top_contexts) / 2**20:,.0f} MB",
           file=sys.stderr)
     stats = collect(model, tokenizer, batches, a.tokens, layers, a.top_contexts)
     compute_entropy(stats, a.percentile, a.threshold, a.bins)
@@ -163,7 +150,7 @@ def _neuron(a):
     from ..convert.hf_export import load
     from ..io import write_json
     from .report import LayerReport, format_report
-    from .stats import Stats
+    from .stats import Stats, check_neuron
 
     layer, index = parse_neuron(a.neuron)
     if a.data:
@@ -172,7 +159,7 @@ def _neuron(a):
         stats = Stats.load(a.model, layers=[layer])
     else:
         model, tokenizer = load(a.model, tag=a.tag)
-        check_model_neuron(model, layer, index)
+        check_neuron(layer, index, model.model.cfg, model.model.topk)
         if a.stats:
             stats = Stats.load(a.stats, layers=[layer])
             stats.check_model(model)
@@ -233,14 +220,14 @@ def _steer(a):
     from ..convert.hf_export import load
     from ..io import write_json
     from .report import LayerReport
-    from .stats import Stats
+    from .stats import Stats, check_neuron
     from .steer import format_table, steer
 
     layer, index = parse_neuron(a.neuron)
     if a.samples < 1 or a.max_new_tokens < 1:
         raise UserError("--samples and --max-new-tokens must be >= 1")
     model, tokenizer = load(a.model, tag=a.tag)
-    check_model_neuron(model, layer, index)
+    check_neuron(layer, index, model.model.cfg, model.model.topk)
     stats = None
     if a.stats:
         stats = Stats.load(a.stats, layers=[layer])

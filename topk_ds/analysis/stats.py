@@ -122,16 +122,21 @@ def fingerprint(model) -> dict:
             "train_step": getattr(model.config, "train_step", None), "weights": h.hexdigest()[:20]}
 
 
-def site_width(transformer) -> int:
-    return transformer.cfg.ffn_dim if transformer.topk.site == "mlp" else transformer.cfg.dim
-
-
 def check_layers(layers, n_layers: int) -> list[int]:
     layers = list(range(n_layers)) if not layers else sorted(set(layers))
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
         raise UserError(f"layer {bad[0]} does not exist: the model has layers 0..{n_layers - 1}")
     return layers
+
+
+def check_neuron(layer: int | None, index: int, model_cfg, topk_cfg) -> None:
+    """Neuron layer:index (layer None: index alone) against a model's configs."""
+    if layer is not None:
+        check_layers([layer], model_cfg.n_layers)
+    width = topk_cfg.width(model_cfg)
+    if not 0 <= index < width:
+        raise UserError(f"neuron index {index} is out of range: each layer has neurons 0..{width - 1}")
 
 
 def memory_bytes(vocab: int, dim: int, layers: int, top: int = TOP, context: int = BEFORE + 1 + AFTER) -> int:
@@ -154,7 +159,7 @@ def collect(model, tokenizer, batches, max_tokens: int, layers=None, top: int = 
     t = model.model
     sites = t.sites()
     layers = check_layers(layers, len(sites))
-    V, D = t.cfg.vocab_size, site_width(t)
+    V, D = t.cfg.vocab_size, t.topk.width(t.cfg)
     stats = {l: LayerStats.empty(l, V, D, sites[l].k if isinstance(sites[l], TopK) and sites[l].alpha == 0 else None,
                                  top, before + 1 + after) for l in layers}
     counts = torch.zeros(V, dtype=torch.int64)

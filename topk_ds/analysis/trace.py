@@ -17,7 +17,7 @@ from ..convert.hf_export import load, run_checkpoints
 from ..errors import UserError
 from .data import token_batches
 from .settings import TRACE_TOKENS
-from .stats import collect, compute_entropy, site_width
+from .stats import check_neuron, collect, compute_entropy
 
 
 def run_data(run_dir, data=None, seq_len=None) -> tuple[str, int]:
@@ -56,8 +56,7 @@ def trace_neuron(run_dir, index: int, word: str, data=None, tokens: int = TRACE_
         if tokenizer is None:
             raise UserError(f"{run_dir}: no tokenizer found for the run (its data.path/tokenizer)")
         tid = token_id(tokenizer, word) if tid is None else tid
-        if not 0 <= index < site_width(t):
-            raise UserError(f"neuron index {index} is out of range: the model has neurons 0..{site_width(t) - 1}")
+        check_neuron(None, index, t.cfg, t.topk)
         sites = t.sites()
         on_word, everywhere = torch.zeros(len(sites), dtype=torch.float64), torch.zeros(len(sites), dtype=torch.float64)
         current = {}

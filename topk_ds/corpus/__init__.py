@@ -1,4 +1,5 @@
-"""The embedded default: a synthetic topic corpus (the embedded default: concepts are planted, so analysis can be checked against them), written as jsonl + concepts.json."""
+"""The embedded default: a synthetic topic corpus, written as jsonl + concepts.json. Its concepts are
+planted, so analysis can be checked against them."""
 
 import json
 import os

@@ -54,5 +54,9 @@ class TopKConfig:
     anneal: str = "linear"  # alpha schedule: linear (paper) | cosine | exponential | step
     anneal_ratio: float = 0.2  # alpha reaches 0 after this fraction of the optimizer steps
 
+    def width(self, model: ModelConfig) -> int:
+        """Entries of one layer's site, i.e. neurons per layer: D at the residual stream, the FFN width at mlp."""
+        return model.ffn_dim if self.site == "mlp" else model.dim
+
     def is_topk_layer(self, layer: int, n_layers: int) -> bool:
         return self.enabled and layer < n_layers - self.n_nontopk

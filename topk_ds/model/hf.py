@@ -112,5 +112,6 @@ class TopKLlamaForCausalLM(PreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
 
+
 AutoConfig.register(TopKLlamaConfig.model_type, TopKLlamaConfig, exist_ok=True)
 AutoModelForCausalLM.register(TopKLlamaConfig, TopKLlamaForCausalLM, exist_ok=True)
