@@ -9,6 +9,8 @@ import torch
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Threads fixed, not the machine's core count: reduction order (hence a trained fixture) then depends only on the CPU.
+os.environ["OMP_NUM_THREADS"] = "2"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

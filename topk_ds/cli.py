@@ -5,48 +5,11 @@ implementation lazily, so `--help` is instant and a corpus command never loads D
 """
 
 import argparse
+import signal
 import sys
 
-from .errors import UserError
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + error
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def count(text: str) -> int:
-    """A whole-number argument that may be written 20e9 or 1_000_000; >= 0."""
-    text = text.replace("_", "")
-    try:
-        value = int(text)
-    except ValueError:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number (e.g. 1000000 or 20e9), got '{text}'") from None
-        if not value.is_integer():
-            raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'")
-        value = int(value)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def positive(text: str) -> int:
-    """A whole-number argument >= 1 (20e9 style accepted)."""
-    value = count(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def config_args(p: argparse.ArgumentParser) -> None:
-    """--config and --set, shared by every command that takes a run config."""
-    p.add_argument("--config", default=None, help="a preset (tiny, paper-1024x8, paper-2048x24, each also "
-                   "NAME-dense) or a YAML file; a YAML may start from a preset with `preset: NAME`")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set model.dim=2048 (repeatable; applied last)")
+from .arguments import Parser, config_args
+from .errors import UserError, describe_os_error
 
 
 def _config_show(a):
@@ -83,16 +46,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that every atomic write removes its temporary as on Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         args.run(args)
     except UserError as e:
         print(f"topk-ds: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("topk-ds: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except OSError as e:  # a full disk, a read-only or unwritable directory, a file size limit, a vanished file
+        print(f"topk-ds: error: {describe_os_error(e)}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print(f"topk-ds: {'terminated' if terminated else 'interrupted'}; nothing half-written was left", file=sys.stderr)
+        sys.exit(143 if terminated else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept; older ones are deleted
     eval_every: int = 500  # validation loss every N steps; 0 turns it off
     eval_batches: int = 20  # micro-batches per rank per validation
+    log_every: int = 10  # a progress line every N steps when stderr is not a terminal (SLURM logs, nohup)
     health_window: int = 100  # steps over which "never fired" is measured for TopK layers
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     seed: int = 0  # model init and any randomness of the run
@@ -250,7 +251,8 @@ def validate(cfg: Config) -> None:
 
     _check(1 <= d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} must be in [1, model.max_seq_len={m.max_seq_len}]")
 
-    for name in ("steps", "micro_batch", "grad_accum", "save_every", "keep_last", "eval_batches", "health_window", "max_bad_steps"):
+    for name in ("steps", "micro_batch", "grad_accum", "save_every", "keep_last", "eval_batches", "log_every", "health_window",
+                 "max_bad_steps"):
         _check(getattr(tr, name) >= 1, f"train.{name}={getattr(tr, name)} must be >= 1")
     _check(tr.eval_every >= 0, f"train.eval_every={tr.eval_every} must be >= 0 (0: no validation)")
     _check(tr.lr > 0, f"train.lr={tr.lr} must be > 0")

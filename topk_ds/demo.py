@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .analysis.settings import PROMPT
 from .io import atomic_output, write_json
 
 PRECISION_BAR = 0.8  # a "concept neuron": at least this share of its top tokens from one topic
@@ -147,7 +148,7 @@ class Demo:
 
     def train(self, name: str, run: Path) -> None:
         """Train through the `deepspeed` launcher (ranks on this machine), showing progress from metrics.jsonl."""
-        from tqdm import tqdm
+        from .progress import progress
 
         from .train.distributed import free_port
 
@@ -167,7 +168,7 @@ class Demo:
         threads = str(max(1, (os.cpu_count() or 1) // s.ranks))
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
         metrics = run / "metrics.jsonl"
-        with open(log, "a") as out, tqdm(total=s.steps, desc=f"train {name}", unit="step") as bar:
+        with open(log, "a") as out, progress(total=s.steps, desc=f"train {name}", unit="step", every=max(1, s.steps // 20)) as bar:
             proc = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", *launcher, *args],
                                     stdout=out, stderr=subprocess.STDOUT, env=env)
             try:
@@ -196,27 +197,25 @@ class Demo:
             rows = []
             for meta in stats.meta["layers"]:
                 view = LayerReport(stats, meta["layer"], self.concepts)
-                top = view.top_ids.T.tolist()  # (D, n) token ids, best first
-                rows += [view.summary(i) | {"kind": meta["kind"], "top_pieces": [stats.pieces[v] for v in top[i]]}
-                         for i in range(stats.layers[meta["layer"]].dim)]
+                rows += [view.summary(i) | {"kind": meta["kind"]} for i in range(stats.layers[meta["layer"]].dim)]
             self._rows[name] = rows
         return self._rows[name]
 
     def best_neuron(self) -> dict:
-        """The steering candidate: among the TopK layers' concept neurons (precision >= the bar) whose
-        strongest token is a word of their topic, the purest, then the strongest (weak neurons do not
-        steer); failing that, any neuron whose strongest token is a topic word. Its
-        `top_word` is traced over the checkpoints."""
+        """The steering showcase: the first of `steering_candidates` among the TopK layers' neurons (pure,
+        strong, and of a topic that is rare in unsteered samples). Its `top_word` is traced over the checkpoints."""
         from .analysis.concepts import word_of
+        from .analysis.steer import sample, steering_candidates, topic_shares
+        from .convert.hf_export import load
 
-        topics = self.concepts.topics
-        rows = [r for r in self.concept_rows("topk") if r["kind"] == "topk" and r.get("topic")
-                and word_of(r["top_pieces"][0]) in topics[r["topic"]]]
-        if not rows:
-            raise UserError("no TopK neuron's strongest token is a topic word; train longer (--steps)")
-        concept = [r for r in rows if r["precision"] >= PRECISION_BAR] or rows
-        best = max(concept, key=lambda r: (round(r["precision"], 2), r["top_mean"]))
-        return best | {"top_word": word_of(best["top_pieces"][0])}
+        model, tokenizer = load(self.paths["hf"] / "topk")
+        baseline = topic_shares(sample(model, tokenizer, PROMPT, self.s.samples, self.s.seed, 128), self.concepts)
+        rows = [r for r in self.concept_rows("topk") if r["kind"] == "topk"]
+        found = steering_candidates(rows, self.concepts, baseline, n=1, precision=PRECISION_BAR)
+        if not found:
+            raise UserError(f"no TopK neuron is a concept neuron (precision >= {PRECISION_BAR}) whose strongest token "
+                            "is a word of its topic; train longer (--steps)")
+        return found[0] | {"top_word": word_of(found[0]["top_piece"])}
 
     def report(self, best: dict) -> str:
         p, s, concepts = self.paths, self.s, self.concepts
@@ -350,7 +349,7 @@ def _demo(a) -> None:
 
 
 def add_commands(commands) -> None:
-    from .cli import positive
+    from .arguments import positive
 
     d = DemoSettings()
     p = commands.add_parser("demo", help="the whole pipeline on the synthetic corpus: dense vs TopK, eval, analysis",

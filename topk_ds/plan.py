@@ -236,7 +236,7 @@ def _run(a) -> None:
 
 
 def add_commands(commands) -> None:
-    from .cli import config_args
+    from .arguments import config_args
 
     p = commands.add_parser("plan", help="memory per GPU and training time of a config on a GPU cluster")
     config_args(p)

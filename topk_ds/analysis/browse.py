@@ -10,9 +10,8 @@ import json
 from html import escape
 from pathlib import Path
 
-from tqdm import tqdm
-
 from ..errors import UserError
+from ..progress import progress as progress_of
 from ..io import atomic_output
 from .concepts import Concepts
 from .report import LayerReport
@@ -119,7 +118,7 @@ def build_site(stats_dir, out, concepts: Concepts | None = None, contexts: int =
     with atomic_output(Path(out)) as tmp:
         (tmp / "neurons").mkdir(parents=True)
         layer_rows = []
-        for l in tqdm(sorted(stats.layers), desc="browse", unit="layer", disable=not progress):
+        for l in progress_of(sorted(stats.layers), desc="browse", unit="layer", enabled=progress):
             view = LayerReport(stats, l, concepts)
             rows = [view.summary(i) for i in range(stats.layers[l].dim)]
             for r in rows:

@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import positive
+from ..arguments import positive
 from ..errors import UserError
 from .settings import BINS, PERCENTILE, PROMPT, THRESHOLD_RATIO, TOP, TRACE_TOKENS
 

@@ -40,7 +40,9 @@ class LayerReport:
                "token_entropy": _number(ls.token_entropy[i]), "semantic_entropy": _number(ls.semantic_entropy[i]),
                "selected": int(ls.selected[i]), "max_activation": ls.top_values[i, 0].item() if ls.top_values.shape[1] else 0.0,
                "top_mean": max(self.top_values[0, i].item(), 0.0) if len(self.top_values) else 0.0,
-               "label": label(self.top_ids[:, i], self.top_values[:, i], self.stats.pieces)}
+               "label": label(self.top_ids[:, i], self.top_values[:, i], self.stats.pieces),
+               "top_piece": self.stats.pieces[self.top_ids[0, i]] if len(self.top_values) and self.top_values[0, i] > 0
+               else None}
         if self.scores is not None:
             out |= {"topic": self.scores["topic"][i], "precision": self.scores["precision"][i].item(),
                     "recall": self.scores["recall"][i].item()}

@@ -26,11 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-
 from ..errors import UserError
 from ..io import atomic_output, write_json
 from ..model.topk import TopK
+from ..progress import progress as progress_of
 from . import entropy
 from .settings import AFTER, BEFORE, TOP
 
@@ -174,7 +173,7 @@ def collect(model, tokenizer, batches, max_tokens: int, layers=None, top: int = 
 
     handles = [sites[l].register_forward_hook(hook(l)) for l in layers]
     seen, T = 0, None
-    bar = tqdm(total=max_tokens, desc="stats", unit="tok", unit_scale=True, disable=not progress)
+    bar = progress_of(total=max_tokens, desc="stats", unit="tok", unit_scale=True, enabled=progress)
     try:
         with torch.inference_mode():
             for tokens in batches:
@@ -209,7 +208,7 @@ def compute_entropy(stats: "Stats", percentile: float = entropy.PERCENTILE, rati
     seen = stats.counts > 0
     freq = stats.counts[seen]
     table = entropy.cosine_bins(stats.embedding[seen], bins)
-    for ls in tqdm(stats.layers.values(), desc="entropy", unit="layer", disable=not progress):
+    for ls in progress_of(stats.layers.values(), desc="entropy", unit="layer", enabled=progress):
         abar = ls.sums[seen] / freq[:, None]
         ls.token_entropy = entropy.token_entropy(abar)
         ls.semantic_entropy, ls.selected, ls.theta = entropy.semantic_entropy(abar, freq, None, percentile, ratio,

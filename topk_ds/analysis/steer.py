@@ -7,10 +7,9 @@ with the same seed as the unsteered baseline, so the texts differ only by the in
 import contextlib
 
 import torch
-from tqdm import tqdm
-
 from ..convert.hf_export import GENERATION_DEFAULTS
 from ..errors import UserError
+from ..progress import progress as progress_of
 from .settings import PROMPT
 
 
@@ -41,6 +40,61 @@ def sample(model, tokenizer, prompt: str, samples: int, seed: int, max_new_token
     return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
 
 
+def topic_shares(texts: list[str], concepts) -> dict[str, float]:
+    """Each topic's share of the content words of `texts`."""
+    shares = {}
+    for topic in concepts.names:
+        hits, words = concepts.share(texts, topic)
+        shares[topic] = hits / words if words else 0.0
+    return shares
+
+
+def steering_candidates(rows: list[dict], concepts, baseline: dict[str, float], n: int = 5,
+                        precision: float = 0.8) -> list[dict]:
+    """The `n` units most likely to steer, by what predicts it: purity (precision >= `precision`, and the
+    unit's strongest token is a word of its topic), the scale it fires at (its mean activation on its best
+    token: weak units do not steer at any offset), and room to rise (a low unsteered share of its topic).
+    At most one unit per topic, so a population of candidates covers several concepts."""
+    from .concepts import word_of
+
+    pure = [r for r in rows if r.get("topic") and r["precision"] >= precision and r["top_mean"] > 0
+            and word_of(r["top_piece"]) in concepts.topics[r["topic"]]]
+    ranked = sorted(pure, key=lambda r: -r["top_mean"] * (1.0 - baseline.get(r["topic"], 0.0)))
+    chosen, topics = [], set()
+    for r in ranked:
+        if r["topic"] not in topics:
+            chosen.append(r)
+            topics.add(r["topic"])
+        if len(chosen) == n:
+            break
+    return chosen
+
+
+def steering_success(model, tokenizer, candidates: list[dict], concepts, scales=(1.0, 2.0), min_gain: float = 0.2,
+                     prompt: str = PROMPT, samples: int = 6, seed: int = 0, max_new_tokens: int = 48,
+                     baseline_texts: list[str] | None = None, progress: bool = True) -> dict:
+    """Steer each candidate (rows with layer, index, topic, max_activation) at `scales` times its largest
+    activation; a unit succeeds when at some scale its topic's share of generated content words rises by
+    at least `min_gain` over the unsteered baseline (same prompt, seed and sampling for every unit)."""
+    if baseline_texts is None:
+        baseline_texts = sample(model, tokenizer, prompt, samples, seed, max_new_tokens)
+    baseline = topic_shares(baseline_texts, concepts)
+    units = []
+    for r in progress_of(candidates, desc="steering success", unit="unit", enabled=progress):
+        shares = {}
+        for scale in scales:
+            with steered(model, r["layer"], r["index"], scale * r["max_activation"]):
+                texts = sample(model, tokenizer, prompt, samples, seed, max_new_tokens)
+            hits, words = concepts.share(texts, r["topic"])
+            shares[scale] = hits / words if words else 0.0
+        gain = max(shares.values()) - baseline[r["topic"]]
+        units.append({"neuron": f"{r['layer']}:{r['index']}", "topic": r["topic"], "max_activation": r["max_activation"],
+                      "baseline_share": baseline[r["topic"]], "shares": shares, "gain": gain, "success": gain >= min_gain})
+    return {"scales": list(scales), "min_gain": min_gain, "prompt": prompt, "samples": samples, "seed": seed,
+            "max_new_tokens": max_new_tokens, "units": units,
+            "success": sum(u["success"] for u in units) / len(units) if units else 0.0}
+
+
 def steer(model, tokenizer, layer: int, index: int, offsets: list[float], prompt: str = PROMPT, samples: int = 5,
           seed: int = 0, max_new_tokens: int = 128, concepts=None, topic: str | None = None,
           progress: bool = True) -> dict:
@@ -51,7 +105,7 @@ def steer(model, tokenizer, layer: int, index: int, offsets: list[float], prompt
     if topic is not None and topic not in concepts.topics:
         raise UserError(f"unknown topic '{topic}'; {concepts.path} has {', '.join(concepts.names)}")
     rows = []
-    for offset in tqdm([0.0] + [c for c in offsets if c != 0], desc="steer", unit="offset", disable=not progress):
+    for offset in progress_of([0.0] + [c for c in offsets if c != 0], desc="steer", unit="offset", enabled=progress):
         with steered(model, layer, index, offset) if offset else contextlib.nullcontext():
             texts = sample(model, tokenizer, prompt, samples, seed, max_new_tokens)
         row = {"offset": offset, "texts": texts}

@@ -10,11 +10,10 @@ Every checkpoint is loaded with `load()` at the alpha recorded for its step, as 
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-
 from ..config import load_config
 from ..convert.hf_export import load, run_checkpoints
 from ..errors import UserError
+from ..progress import progress as progress_of
 from .data import token_batches
 from .settings import TRACE_TOKENS
 from .stats import check_neuron, collect, compute_entropy
@@ -40,7 +39,7 @@ def token_id(tokenizer, word: str) -> int:
 
 
 def _checkpoints(run_dir, progress: bool):
-    for step, tag in tqdm(run_checkpoints(run_dir), desc="checkpoints", unit="ckpt", disable=not progress):
+    for step, tag in progress_of(run_checkpoints(run_dir), desc="checkpoints", unit="ckpt", enabled=progress):
         model, tokenizer = load(run_dir, tag=tag.name)
         yield step, model, tokenizer
 

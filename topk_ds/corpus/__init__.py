@@ -6,9 +6,9 @@ import os
 import random
 from pathlib import Path
 
-from tqdm import tqdm
 
 from ..errors import UserError
+from ..progress import progress as progress_of
 from ..io import write_json
 from .grammar import concept_words, document, function_words
 
@@ -27,7 +27,7 @@ def write_synthetic_corpus(out: Path, docs: int = DEFAULT_DOCS, seed: int = 0, p
     out.mkdir(parents=True, exist_ok=True)
     path, tmp = out / "corpus.jsonl", out / "corpus.jsonl.tmp"
     with open(tmp, "w") as f:
-        for i in tqdm(range(docs), desc="synthetic corpus", unit="doc", disable=not progress):
+        for i in progress_of(range(docs), desc="synthetic corpus", unit="doc", enabled=progress):
             f.write(json.dumps(document(doc_rng(seed, i))) + "\n")
     os.replace(tmp, path)
     write_json(out / "concepts.json", {"topics": concept_words(), "function_words": function_words(),

@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import config_args, count, positive
+from ..arguments import config_args, count, positive
 from .manifest import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_TOKENS
 from .sources import HELP as INPUT_HELP
 from .tokenizer import DEFAULT_SAMPLE_SENTENCES

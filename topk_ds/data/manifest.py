@@ -65,12 +65,12 @@ def shard_problem(data_path: Path, shard: dict, checksum: bool) -> str | None:
 
 def verify(data_path, progress: bool = True) -> list[str]:
     """Every shard's size and sha256, and the tokenizer's hash, against the manifest: one line per problem."""
-    from tqdm import tqdm
+    from ..progress import progress as progress_of
 
     data_path = Path(data_path)
     m = read_manifest(data_path)
     shards = [s for split in SPLITS for s in m["splits"][split]["shards"]]
-    problems = [p for s in tqdm(shards, desc="verify", unit="shard", disable=None if progress else True)
+    problems = [p for s in progress_of(shards, desc="verify", unit="shard", enabled=progress)
                 if (p := shard_problem(data_path, s, checksum=True))]
     model = tokenizer_dir(data_path) / "tokenizer.model"
     if not model.is_file():

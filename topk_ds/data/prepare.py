@@ -88,11 +88,11 @@ def _val_mask(lengths: np.ndarray, first: int, have: int, want: int, seed: int) 
 def _tokenize(reader: DocumentReader, sp, writers: dict, val_tokens: int, max_tokens: int | None, seed: int,
               progress: bool) -> dict:
     """Encode every document into the writers; returns the document counts."""
-    from tqdm import tqdm
+    from ..progress import progress as progress_of
 
     docs = {"seen": 0, "not_utf8": 0, "empty": 0, "train": 0, "val": 0}
     dtype, threads, total = writers["train"].dtype, cpu_threads(), 0
-    bar = tqdm(total=max_tokens, desc="prepare", unit="tok", unit_scale=True, disable=None if progress else True)
+    bar = progress_of(total=max_tokens, desc="prepare", unit="tok", unit_scale=True, enabled=progress)
     for batch in reader.batches(BATCH_DOCS):
         keep = [i for i, text in enumerate(batch) if text]
         ids = sp.encode([batch[i] for i in keep], add_bos=True, add_eos=True, num_threads=threads)

@@ -120,7 +120,7 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out, text_field: str = "
     """Train a Llama-style BPE on the lines of the input documents; sentencepiece keeps a random sample of
     at most `sample_sentences` lines, so memory stays bounded on a big corpus. Returns counts."""
     import sentencepiece as spm
-    from tqdm import tqdm
+    from ..progress import progress as progress_of
 
     out = Path(out)
     check_new_dir(out, "tokenizer train")
@@ -131,7 +131,7 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out, text_field: str = "
 
     def lines():  # sentencepiece's sentences are lines: whole documents can exceed max_sentence_length
         try:
-            for text in tqdm(reader.texts(), desc="reading", unit="doc", disable=None if progress else True):
+            for text in progress_of(reader.texts(), desc="reading", unit="doc", enabled=progress):
                 counts["documents" if text is not None else "not_utf8"] += 1
                 yield from (line for line in (text or "").split("\n") if line)
         except UserError as e:  # sentencepiece would turn it into a RuntimeError

@@ -1,7 +1,7 @@
 import argparse
 from pathlib import Path
 
-from ..cli import positive
+from ..arguments import positive
 
 from .suites import LOCAL_DIR, LOCAL_SEED, SUITES
 

@@ -6,7 +6,7 @@ import sys
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    from ..cli import config_args
+    from ..arguments import config_args
 
     config_args(p)
     p.add_argument("--resume", default="none", metavar="auto|none|PATH",
@@ -42,7 +42,7 @@ def add_commands(commands) -> None:
 
 def launcher_main(argv: list[str] | None = None) -> None:
     """Entry point under a launcher (deepspeed, mpirun, srun, torchrun)."""
-    from ..cli import Parser
+    from ..arguments import Parser
     from ..errors import UserError
 
     parser = Parser(prog="python -m topk_ds.train", description="Train under a multi-process launcher.")

@@ -75,7 +75,8 @@ def train(cfg: Config, resume: str = "none") -> Path:
                       global_batch=global_batch, seq_len=cfg.data.seq_len,
                       flops_per_token=cfg.model.flops_per_token(cfg.data.seq_len),
                       peak=peak_flops(engine.device, cfg.train.precision), world=world_size(),
-                      health_window=cfg.train.health_window, is_rank0=rank() == 0)
+                      health_window=cfg.train.health_window, log_every=cfg.train.log_every,
+                      is_rank0=rank() == 0)
     monitor.log(f"{'resumed from ' + str(start) if start else 'started'} at step {state.step} of {cfg.train.steps}: "
                 f"{cfg.model.num_params():,} parameters, {world_size()} ranks, global batch {global_batch} x {cfg.data.seq_len} tokens")
     bad_in_a_row = 0

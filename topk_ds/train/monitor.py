@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
-
 from ..model.topk import TopK
+from ..progress import progress
 from .distributed import mean_over_ranks
 
 # Dense bf16 peak of one GPU (FLOP/s), by a substring of torch.cuda.get_device_name().
@@ -94,7 +93,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 class Monitor:
     def __init__(self, run_dir: Path, model, write_events, *, total_steps: int, start_step: int,
                  global_batch: int, seq_len: int, flops_per_token: float, peak: tuple[float, str], world: int,
-                 health_window: int, is_rank0: bool):
+                 health_window: int, log_every: int, is_rank0: bool):
         self.write_events, self.is_rank0 = write_events, is_rank0
         self.global_batch, self.tokens_per_step = global_batch, global_batch * seq_len
         self.flops_per_token = flops_per_token
@@ -102,13 +101,13 @@ class Monitor:
         self.health = TopKHealth(model, health_window)
         self.metrics = open(run_dir / "metrics.jsonl", "a") if is_rank0 else None
         self.logfile = open(run_dir / "train.log", "a") if is_rank0 else None
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not is_rank0,
-                        dynamic_ncols=True)
+        self.bar = progress(total=total_steps, initial=start_step, desc="train", unit="step", every=log_every,
+                            enabled=is_rank0)
         self.log(f"MFU relative to {peak[0] / 1e12:.3g} TFLOP/s per device ({peak[1]})")
 
     def log(self, message: str) -> None:
         if self.is_rank0:
-            tqdm.write(message)
+            self.bar.write(message)
             self.logfile.write(time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n")
             self.logfile.flush()
 
