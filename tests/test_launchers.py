@@ -1,5 +1,5 @@
-"""Launcher templates: syntax, knobs from the environment, and the exact command each would run.
-(The deepspeed and mpirun paths also run for real in test_train.py.)"""
+"""Launcher templates: syntax, knobs from the environment, the exact command each would run, and
+bad hostfiles and node ranks as one line. (They run for real in test_multinode.py.)"""
 
 import os
 import subprocess
@@ -17,7 +17,15 @@ def dry_run(script, *args, **env):
     return proc.stdout.strip().splitlines()
 
 
-@pytest.mark.parametrize("script", ["single_node.sh", "multi_node.sh", "slurm.sbatch", "mpirun.sh", "sweep.sh"])
+def dry_run_fails(script, *args, **env):
+    proc = subprocess.run(["bash", str(LAUNCHERS / script), *args], capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], "DRY_RUN": "1", **env})
+    assert proc.returncode == 2 and not proc.stdout
+    return proc.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize("script", ["single_node.sh", "multi_node.sh", "per_node.sh", "slurm.sbatch", "mpirun.sh",
+                                    "sweep.sh"])
 def test_syntax_and_documented_knobs(script):
     subprocess.run(["bash", "-n", str(LAUNCHERS / script)], check=True)
     text = (LAUNCHERS / script).read_text()
@@ -37,21 +45,46 @@ def test_multi_node_reads_the_master_from_the_hostfile(tmp_path):
     assert dry_run("multi_node.sh", "--set", "train.steps=10", HOSTFILE=str(hostfile)) == [
         f"deepspeed --hostfile {hostfile} --launcher pdsh --master_addr node-a --master_port 29500 "
         "--module topk_ds.train --config paper-2048x24 --resume auto --set train.steps=10"]
-    proc = subprocess.run(["bash", str(LAUNCHERS / "multi_node.sh")], capture_output=True, text=True,
-                          env={"PATH": os.environ["PATH"], "HOSTFILE": str(tmp_path / "none")})
-    assert proc.returncode == 2 and "no hostfile" in proc.stderr
+    assert dry_run_fails("multi_node.sh", HOSTFILE=str(tmp_path / "none")) == [
+        f"multi_node.sh: no hostfile at {tmp_path / 'none'} (see launchers/hostfile.example)"]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("node-a slots=8\nnode-b 8\n", 'line 2 "node-b 8" is not HOST slots=N (N >= 1)'),
+    ("node-a slots=0\n", 'line 1 "node-a slots=0" is not HOST slots=N (N >= 1)'),
+    ("node-a slots=8\n\nnode-a slots=8\n", "line 3 lists host node-a a second time"),
+    ("# no nodes yet\n", "lists no host"),
+])
+def test_a_hostfile_that_does_not_parse_is_one_line(tmp_path, text, problem):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(text)
+    for script, env in (("multi_node.sh", {}), ("per_node.sh", {"NODE_RANK": "0"}), ("mpirun.sh", {})):
+        assert dry_run_fails(script, HOSTFILE=str(hostfile), **env) == [f"{script}: hostfile {hostfile}: {problem}"]
+
+
+def test_per_node_starts_this_nodes_launcher_without_ssh(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node-a slots=8\nnode-b slots=8  # second rack\n")
+    assert dry_run("per_node.sh", "--set", "train.steps=10", HOSTFILE=str(hostfile), NODE_RANK="1") == [
+        f"deepspeed --hostfile {hostfile} --no_ssh --node_rank 1 --master_addr node-a --master_port 29500 "
+        "--module topk_ds.train --config paper-2048x24 --resume auto --set train.steps=10"]
+    for rank in ("2", "-1", "one", ""):
+        assert dry_run_fails("per_node.sh", HOSTFILE=str(hostfile), NODE_RANK=rank) == [
+            f"per_node.sh: NODE_RANK='{rank}' must be 0 ... 1: the line of this node in {hostfile}"]
+    text = (LAUNCHERS / "per_node.sh").read_text()
+    assert "trap '' USR1; exec" in text and "trap '' USR1; exec" in (LAUNCHERS / "single_node.sh").read_text()
 
 
 def test_slurm_per_gpu_and_per_node():
     env = {"SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2", "MASTER_ADDR": "gpu01"}
     assert dry_run("slurm.sbatch", "--set", "data.path=/d", **env) == [
         "srun --kill-on-bad-exit=1 python -m topk_ds.train --config paper-2048x24 --resume auto --set data.path=/d"]
-    assert dry_run("slurm.sbatch", "--set", "data.path=/d", MODE="per-node", **env) == [
-        "srun --ntasks-per-node=1 bash -c deepspeed --no_ssh --node_rank $SLURM_NODEID --num_nodes 2 --num_gpus 8 "
-        "--master_addr gpu01 --master_port 29500 --module topk_ds.train --config paper-2048x24 --resume auto "
-        "--set data.path=/d"]
+    per_node = dry_run("slurm.sbatch", "--set", "data.path=/d d", MODE="per-node", **env)
+    # one task per node, the trainer arguments after the script (never inside its text)
+    assert per_node[0].startswith("srun --nodes=2 --ntasks=2 --ntasks-per-node=1 ")
+    assert per_node[-1].endswith('"$@" per-node --set data.path=/d d')
     text = (LAUNCHERS / "slurm.sbatch").read_text()
-    assert "#SBATCH --signal=TERM@" in text  # ranks get SIGTERM before the time limit and checkpoint
+    assert "#SBATCH --signal=USR1@" in text  # ranks are asked to checkpoint before the time limit
 
 
 def test_slurm_rank_discovery_maps_slurm_variables(monkeypatch):
@@ -66,10 +99,17 @@ def test_slurm_rank_discovery_maps_slurm_variables(monkeypatch):
         "11", "16", "3", "gpu01")
 
 
-def test_mpirun():
-    assert dry_run("mpirun.sh", NP="16", HOSTS="n1:8,n2:8", MASTER_ADDR="n1", MPIRUN_ARGS="--bind-to none") == [
+def test_mpirun_master_and_forwarded_variables(tmp_path):
+    assert dry_run("mpirun.sh", NP="16", HOSTS="n1:8,n2:8", MPIRUN_ARGS="--bind-to none", NCCL_IB_HCA="mlx5",
+                   NCCL_SOCKET_IFNAME="ib0", EXPORT="WANDB_MODE") == [
         "mpirun -np 16 -H n1:8,n2:8 --bind-to none -x MASTER_ADDR=n1 -x MASTER_PORT=29500 -x PATH "
+        "-x NCCL_IB_HCA -x NCCL_SOCKET_IFNAME -x WANDB_MODE python -m topk_ds.train --config paper-1024x8 --resume auto"]
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("n3 slots=8\nn4 slots=8\n")
+    assert dry_run("mpirun.sh", NP="16", HOSTFILE=str(hostfile)) == [
+        f"mpirun -np 16 --hostfile {hostfile} -x MASTER_ADDR=n3 -x MASTER_PORT=29500 -x PATH "
         "python -m topk_ds.train --config paper-1024x8 --resume auto"]
+    assert dry_run("mpirun.sh", NP="2")[0].startswith("mpirun -np 2 -x MASTER_ADDR=127.0.0.1 ")  # this node alone
 
 
 @pytest.mark.parametrize("grid, values, field", [

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .io import write_text
 from .model.args import ModelConfig, TopKConfig
 from .model.topk import ACTIVATIONS, SCHEDULES
 
@@ -221,7 +222,30 @@ def load_config(source: str | None = None, overrides: list[str] = ()) -> Config:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# What a resume may change: how long the run goes on, its cadences, logging and monitoring, and the batch
+# layout (micro_batch x grad_accum x ranks must keep the global batch: the trainer checks it against the
+# checkpoint). Everything else, the model and TopK sections above all, is fixed when a run starts.
+RESUMABLE = {"train.out_dir", "train.steps", "train.micro_batch", "train.grad_accum", "train.activation_checkpointing",
+             "train.save_every", "train.keep_last", "train.eval_every", "train.eval_batches", "train.log_every",
+             "train.health_window", "train.max_bad_steps", "train.wandb", "train.wandb_project", "train.tensorboard",
+             "train.csv"}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
+
+
+def resume_changes(saved: Config, new: Config) -> list[str]:
+    """The fields a resume may not change that `new` changes, as 'field: old -> new'."""
+    old, now = _flat(saved.to_dict()), _flat(new.to_dict())
+    return [f"{key}: {old.get(key)!r} -> {now.get(key)!r}" for key in sorted(old.keys() | now.keys())
+            if key not in RESUMABLE and old.get(key) != now.get(key)]
 
 
 def _check(ok: bool, message: str) -> None:

@@ -4,18 +4,28 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 
 from .errors import UserError
 
 
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically: a temporary name in the same directory, then rename."""
+def write_text(path: Path, text: str) -> None:
+    """Write a file atomically: a temporary sibling, then one rename. The temporary's name is unique to
+    this process (pid and a random part: pids repeat across nodes), so writers never share one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ torch/safetensors state dict. ZeRO shards are consolidated by DeepSpeed's own ze
 import contextlib
 import io
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from ..config import Config, load_config
 from ..errors import UserError
 from ..model.topk import alpha as alpha_at
-from ..train.checkpoint import problem, tags_by_step
+from ..train.checkpoint import latest_complete, problem, tags_by_step
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
@@ -42,10 +43,10 @@ def _tag_dir(ckpt_dir: Path, tag: str | None) -> Path:
         if not path.is_dir():
             raise UserError(f"no checkpoint tag '{tag}' in {ckpt_dir}; available: {', '.join(p.name for _, p in tags)}")
         return path
-    for _, path in tags:
-        if problem(path) is None:
-            return path
-    raise UserError(f"no complete checkpoint in {ckpt_dir}")
+    found = latest_complete(ckpt_dir, log=lambda message: print(f"topk-ds: {message}", file=sys.stderr))
+    if found is None:
+        raise UserError(f"no usable checkpoint in {ckpt_dir}: every tag there is incomplete or damaged")
+    return found
 
 
 def locate(path: Path, tag: str | None = None, config: str | None = None) -> Source:

@@ -2,6 +2,7 @@
 evaluation and steering use for either kind of input."""
 
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -123,7 +124,12 @@ def run_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     from ..train.checkpoint import problem, tags_by_step
 
     ckpt_dir = Path(run_dir) / "checkpoints"
-    found = [(step, p) for step, p in reversed(tags_by_step(ckpt_dir)) if problem(p) is None]
+    found = []
+    for step, path in reversed(tags_by_step(ckpt_dir)):
+        if (reason := problem(path)) is None:
+            found.append((step, path))
+        else:
+            print(f"topk-ds: checkpoint {path} is not usable: {reason}; left out", file=sys.stderr)
     if not found:
         raise UserError(f"{run_dir} has no complete checkpoints in {ckpt_dir}")
     return found

@@ -43,7 +43,8 @@ def add_commands(commands) -> None:
 def launcher_main(argv: list[str] | None = None) -> None:
     """Entry point under a launcher (deepspeed, mpirun, srun, torchrun)."""
     from ..arguments import Parser
-    from ..errors import UserError
+    from ..errors import UserError, describe_os_error
+    from .distributed import SharedError
 
     parser = Parser(prog="python -m topk_ds.train", description="Train under a multi-process launcher.")
     add_train_args(parser)
@@ -51,7 +52,10 @@ def launcher_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except UserError as e:
-        prefix = f"rank {os.environ['RANK']}: " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
-        print(f"topk-ds train: error: {prefix}{e}", file=sys.stderr)
-        sys.exit(2)
+    except (UserError, OSError) as e:
+        message = str(e) if isinstance(e, UserError) else describe_os_error(e)
+        if not isinstance(e, SharedError) and os.environ.get("WORLD_SIZE", "1") != "1":
+            message = f"rank {os.environ['RANK']}: {message}"
+        if not isinstance(e, SharedError) or os.environ.get("RANK", "0") == "0":  # every rank has a SharedError
+            print(f"topk-ds train: error: {message}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UserError) else 1)

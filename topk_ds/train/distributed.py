@@ -1,4 +1,5 @@
-"""Rank discovery and preemption, in plain torch.distributed (DeepSpeed is confined to engine.py).
+"""Rank discovery, agreement between ranks and preemption, in plain torch.distributed (DeepSpeed is
+confined to engine.py).
 
 Launchers set ranks differently: the `deepspeed` launcher and torchrun set RANK/WORLD_SIZE/
 LOCAL_RANK; OpenMPI, MPICH and SLURM set their own variables. We map those onto the first, so every
@@ -6,12 +7,15 @@ launcher reaches init the same way (and a single-node mpirun stays on the loopba
 no launcher at all the process is rank 0 of 1.
 """
 
+import contextlib
 import os
 import signal
 import socket
 
 import torch
 import torch.distributed as dist
+
+from ..errors import UserError, describe_os_error
 
 _SOURCES = (
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # OpenMPI
@@ -54,6 +58,54 @@ def barrier() -> None:
         dist.barrier()
 
 
+_host_group = None
+
+
+def host_group():
+    """A gloo group for small Python objects: the default NCCL group would need every rank's device
+    set, which DeepSpeed does only once the engine is built (after the start-up checks)."""
+    global _host_group
+    if dist.get_backend() == "gloo":
+        return None  # the default group
+    if _host_group is None:
+        _host_group = dist.new_group(backend="gloo")
+    return _host_group
+
+
+def all_gather(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=host_group())
+    return out
+
+
+class SharedError(UserError):
+    """An error every rank raises alike (see `agree`): only rank 0 prints it."""
+
+
+def agree(problem: str | None) -> None:
+    """If any rank has a problem, every rank raises the lowest rank's (so all stop together)."""
+    found = [p for p in all_gather(problem) if p is not None]
+    if found:
+        raise SharedError(found[0])
+
+
+@contextlib.contextmanager
+def together():
+    """A block every rank runs, with no collective inside: a UserError or OSError on any rank is raised
+    on every rank when the block ends, so no rank is left waiting for one that stopped."""
+    problem = None
+    try:
+        yield
+    except (UserError, OSError) as e:
+        problem = str(e) if isinstance(e, UserError) else describe_os_error(e)
+        if rank() != 0:
+            problem = f"rank {rank()} on {socket.gethostname()}: {problem}"
+    agree(problem)
+
+
 def any_rank(flag: bool, device) -> bool:
     """True if `flag` is true on any rank (every rank gets the same answer)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)
@@ -70,15 +122,21 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
 class Preemption:
-    """SIGTERM/SIGINT set a flag instead of killing the process; the loop checks it at the end of
-    every optimizer step (agreeing across ranks), saves a checkpoint and exits cleanly."""
+    """SIGTERM, SIGINT and SIGUSR1 set a flag instead of killing the process; the loop checks it at the
+    end of every optimizer step (agreeing across ranks), saves a checkpoint and exits cleanly.
+
+    SIGUSR1 is for launchers that kill their ranks soon after forwarding SIGTERM (the `deepspeed`
+    launcher: 30 s): started with SIGUSR1 ignored (launchers/*.sh), they let it reach the ranks alone."""
 
     def __init__(self):
         self.requested = None
 
     def __enter__(self):
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
         return self
 
     def _handle(self, signum, frame):

@@ -68,9 +68,13 @@ def resolve_ds_config(cfg: Config, world_size: int, run_dir: Path | None = None,
     ds["gradient_clipping"] = tr.grad_clip
     ds["optimizer"] = {"type": "AdamW", "params": {"lr": tr.lr, "betas": tr.betas, "eps": 1e-8,
                                                    "weight_decay": tr.weight_decay, "torch_adam": on_cpu}}
+    # WarmupCosineLR gives iteration i the ratio min + (1 - min) * i / warmup_num_steps. Starting at min = 1/W
+    # over W - 1 iterations, and stepped once before training (Engine), step s (from 1) runs at s / W of the
+    # peak: no update is wasted at lr 0 (with min = 0, DeepSpeed's own start, steps 1 and 2 both were).
+    warmup = max(1, round(tr.warmup_ratio * tr.steps))
     ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
-        "total_num_steps": tr.steps, "warmup_min_ratio": 0.0, "warmup_type": "linear",
-        "warmup_num_steps": max(1, round(tr.warmup_ratio * tr.steps)), "cos_min_ratio": tr.min_lr_ratio}}
+        "total_num_steps": tr.steps, "warmup_min_ratio": 1 / warmup, "warmup_type": "linear",
+        "warmup_num_steps": max(1, warmup - 1), "cos_min_ratio": tr.min_lr_ratio}}
     ds.setdefault("steps_per_print", 10**9)  # we report every step ourselves
     if run_dir is not None:
         ds["tensorboard"] = {"enabled": tr.tensorboard, "output_path": str(run_dir / "tensorboard"), "job_name": "train"}
@@ -126,6 +130,7 @@ class Engine:
         model.activation_checkpointing = cfg.train.activation_checkpointing
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
                                                config=self.ds_config)
+        self.engine.lr_scheduler.step()  # from iteration -1 (lr 0) to 0: the first step's lr (resolve_ds_config)
         self.model = model
         self.device = device()
         self.annealing = AnnealingHook(self.engine, cfg.train.steps, cfg.topk.anneal_ratio, cfg.topk.anneal)
@@ -169,7 +174,14 @@ class Engine:
 
     def load(self, path: Path) -> dict:
         """Load a checkpoint directory (a tag, or a universal checkpoint); returns the client state."""
-        load_path, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        try:
+            load_path, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        except RuntimeError as e:  # torch's load_state_dict: a checkpoint of another model shape
+            if "Error(s) in loading state_dict" not in str(e):
+                raise
+            first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line or "key" in line), "")
+            raise UserError(f"the checkpoint {path} does not fit this model ({first}); resume it with the config "
+                            "it was trained with") from None
         if load_path is None:
             raise UserError(f"DeepSpeed could not load the checkpoint {path}")
         return client

@@ -1,7 +1,6 @@
 """The training loop: the story of a run, one concern per call."""
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -11,10 +10,11 @@ from ..config import Config, save_config
 from ..data.dataset import GlobalSampler, TokenWindows
 from ..errors import UserError
 from ..io import write_json
-from .checkpoint import Checkpointer, TrainState, is_universal
-from .distributed import Preemption, any_rank, barrier, mean_over_ranks, rank, world_size
+from .checkpoint import Checkpointer, TrainState, check_same_run, is_universal, recorded_state
+from .distributed import Preemption, any_rank, mean_over_ranks, rank, together, world_size
 from .engine import Engine, init_distributed
 from .monitor import Monitor, peak_flops, truncate_metrics
+from .rundir import RunDirectory
 
 
 def open_data(cfg: Config) -> tuple[TokenWindows, TokenWindows | None]:
@@ -43,44 +43,56 @@ def validation_batches(val: TokenWindows, cfg: Config) -> list[torch.Tensor]:
     return [val.batch(range((b * world + rank()) * micro, (b * world + rank() + 1) * micro)) for b in range(per_rank)]
 
 
-def train(cfg: Config, resume: str = "none") -> Path:
-    init_distributed()
-    run_dir = Path(cfg.train.out_dir)
-    data, val = open_data(cfg)
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.save_every, cfg.train.keep_last,
-                                is_writer=int(os.environ.get("LOCAL_RANK", 0)) == 0)
-    start = checkpointer.resolve(resume, log=print if rank() == 0 else lambda m: None)
+def begin(cfg: Config, run_dir: Path, checkpointer: Checkpointer, resume: str, global_batch: int) -> tuple:
+    """Every check that may refuse the start, then the engine (with the checkpoint loaded). Nothing of the
+    run is written here, so a refused start leaves the run as it was."""
+    start = checkpointer.resolve(resume)
+    if start is not None:
+        with together():
+            check_same_run(cfg, start)
+            if (recorded := recorded_state(start)) is not None:
+                recorded.check_batch(global_batch)
     engine = Engine(cfg, run_dir, universal=start is not None and is_universal(start))
-    global_batch = cfg.train.micro_batch * cfg.train.grad_accum * world_size()
-    if rank() == 0:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        write_json(run_dir / "ds_config.json", engine.ds_config)
-    barrier()
-
     state = TrainState(global_batch=global_batch)
     if start is not None:
         state = TrainState(**engine.load(start)["train_state"])
-        if state.global_batch != global_batch:
-            raise UserError(f"the checkpoint was trained with a global batch of {state.global_batch} sequences, this run "
-                            f"has {global_batch}; keep micro_batch x grad_accum x ranks equal to resume exactly")
-        state.restore_rng()
-        if rank() == 0:
-            truncate_metrics(run_dir / "metrics.jsonl", state.step)
-    sampler = GlobalSampler(len(data), global_batch, cfg.data.seed)
-    sampler.load_state_dict(state.sampler)
-    val_batches = validation_batches(val, cfg) if val is not None else None
+        state.check_batch(global_batch)  # a universal checkpoint holds its state only inside
+    return engine, state, start
 
-    monitor = Monitor(run_dir, engine.model, engine.write_events, total_steps=cfg.train.steps, start_step=state.step,
-                      global_batch=global_batch, seq_len=cfg.data.seq_len,
-                      flops_per_token=cfg.model.flops_per_token(cfg.data.seq_len),
-                      peak=peak_flops(engine.device, cfg.train.precision), world=world_size(),
-                      health_window=cfg.train.health_window, log_every=cfg.train.log_every,
-                      is_rank0=rank() == 0)
-    monitor.log(f"{'resumed from ' + str(start) if start else 'started'} at step {state.step} of {cfg.train.steps}: "
-                f"{cfg.model.num_params():,} parameters, {world_size()} ranks, global batch {global_batch} x {cfg.data.seq_len} tokens")
-    bad_in_a_row = 0
-    with Preemption() as preemption:
+
+def train(cfg: Config, resume: str = "none") -> Path:
+    init_distributed()
+    run_dir = Path(cfg.train.out_dir)
+    with together():
+        data, val = open_data(cfg)
+        val_batches = validation_batches(val, cfg) if val is not None else None
+    global_batch = cfg.train.micro_batch * cfg.train.grad_accum * world_size()
+    say = print if rank() == 0 else lambda message: None
+    # held for the whole run: the directory's lock, and signals (one during start-up is honoured after the first step)
+    with Preemption() as preemption, RunDirectory(run_dir, log=say) as claimed:
+        checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.save_every, cfg.train.keep_last, log=say)
+        engine, state, start = begin(cfg, run_dir, checkpointer, resume, global_batch)
+        with together():
+            if rank() == 0:  # the one writer of the run's own files
+                truncate_metrics(run_dir / "metrics.jsonl", state.step)
+                (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+                save_config(cfg, run_dir / "config.yaml")
+                write_json(run_dir / "ds_config.json", engine.ds_config)
+        claimed.commit()
+
+        sampler = GlobalSampler(len(data), global_batch, cfg.data.seed)
+        sampler.load_state_dict(state.sampler)
+
+        monitor = Monitor(run_dir, engine.model, engine.write_events, total_steps=cfg.train.steps, start_step=state.step,
+                          global_batch=global_batch, seq_len=cfg.data.seq_len,
+                          flops_per_token=cfg.model.flops_per_token(cfg.data.seq_len),
+                          peak=peak_flops(engine.device, cfg.train.precision), world=world_size(),
+                          health_window=cfg.train.health_window, log_every=cfg.train.log_every,
+                          is_rank0=rank() == 0)
+        checkpointer.log = monitor.log
+        monitor.log(f"{'resumed from ' + str(start) if start else 'started'} at step {state.step} of {cfg.train.steps}: "
+                    f"{cfg.model.num_params():,} parameters, {world_size()} ranks, global batch {global_batch} x {cfg.data.seq_len} tokens")
+        bad_in_a_row = 0
         while state.step < cfg.train.steps:
             started, lr = time.perf_counter(), engine.lr
             losses = [engine.micro_step(data.batch(idx)) for idx in sampler.next_step(rank(), world_size(), cfg.train.micro_batch)]
@@ -113,5 +125,5 @@ def train(cfg: Config, resume: str = "none") -> Path:
                 monitor.log(f"{preemption.requested or 'a signal on another rank'}: saved {path} at step {state.step}; "
                             f"resume with --resume auto")
                 break
-    monitor.close()
+        monitor.close()
     return run_dir

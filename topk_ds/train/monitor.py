@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from ..errors import UserError
+from ..io import write_text
 from ..model.topk import TopK
 from ..progress import progress
 from .distributed import mean_over_ranks
@@ -81,13 +84,22 @@ class TopKHealth:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records after `step` (written by a run that died after its last checkpoint)."""
+    """Keep the records up to `step` (a run that died after its last checkpoint wrote more; a fresh start
+    keeps none). A torn last line, what kill -9 during a write leaves, is dropped."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for i, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i == len(lines):
+                break
+            raise UserError(f"{path} line {i} is not JSON; repair or remove the line and resume again") from None
+        if record["step"] <= step:
+            kept.append(line)
+    write_text(path, "".join(line + "\n" for line in kept))
 
 
 class Monitor:
@@ -99,6 +111,7 @@ class Monitor:
         self.flops_per_token = flops_per_token
         self.peak, self.world = peak, world
         self.health = TopKHealth(model, health_window)
+        self.annealed = bool(model.topk_modules())  # a dense model has no alpha to report
         self.metrics = open(run_dir / "metrics.jsonl", "a") if is_rank0 else None
         self.logfile = open(run_dir / "train.log", "a") if is_rank0 else None
         self.bar = progress(total=total_steps, initial=start_step, desc="train", unit="step", every=log_every,
@@ -119,6 +132,8 @@ class Monitor:
                   "tokens": tokens, "tokens_per_s": tokens_per_s,
                   "mfu": self.flops_per_token * tokens_per_s / (self.peak[0] * self.world),
                   "step_applied": applied, "skipped_steps": skipped_total}
+        if not self.annealed:
+            del record["alpha"]
         record |= self.health.collect(step, device) | (extra or {})
         if self.is_rank0:
             self.metrics.write(json.dumps(record) + "\n")
@@ -127,7 +142,8 @@ class Monitor:
             samples = step * self.global_batch
             self.write_events([(f"train/{k}", float(v), samples) for k, v in record.items()
                                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)])
-            self.bar.set_postfix(loss=f"{loss:.3f}", alpha=f"{alpha:.2f}", tok_s=f"{tokens_per_s:,.0f}",
+            annealing = {"alpha": f"{alpha:.2f}"} if self.annealed else {}
+            self.bar.set_postfix(loss=f"{loss:.3f}", **annealing, tok_s=f"{tokens_per_s:,.0f}",
                                  mfu=f"{record['mfu']:.1%}", refresh=False)
             self.bar.update(1)
         return record
