@@ -18,14 +18,21 @@ A TopK layer running at alpha = 0 (or a TopK SAE) holds at most k non-zeros per 
 accumulated (an index-add of N*k values), so the cost grows with k, not D. The top contexts are
 tensors merged per batch: a candidate must beat its neuron's current M-th best, so after the first
 batches almost nothing passes and the merge touches only the few neurons that gained.
+
+The accumulators live on the model's device. Under a multi-process launcher (`python -m topk_ds.analysis`)
+every process takes every G-th batch and the statistics are merged as each tensor declares (`merge` in its
+field's metadata: "sum" tensors summed, "top" tensors (D, M, ...) re-ranked by top_values over all
+processes), which gives what one process would have gathered over all the batches.
 """
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
 from ..errors import UserError
 from ..io import atomic_output, write_json
 from ..progress import progress as progress_of
@@ -37,14 +44,17 @@ FORMAT, FORMAT_VERSION = "topk_ds-stats", 1
 ACTIVATION_NOTE = "positive part of each layer's output hidden state (dense layers clamped at 0 per position)"
 
 
+MERGE_SUM, MERGE_TOP = {"merge": "sum"}, {"merge": "top"}  # how a tensor combines over processes (merge_ranks)
+
+
 @dataclass
 class LayerStats:
     layer: int
     k: int | None  # TopK layer accumulated on its k selected entries; None: dense accumulation
-    sums: torch.Tensor
-    fires: torch.Tensor
-    top_values: torch.Tensor
-    top_contexts: torch.Tensor
+    sums: torch.Tensor = field(metadata=MERGE_SUM)
+    fires: torch.Tensor = field(metadata=MERGE_SUM)
+    top_values: torch.Tensor = field(metadata=MERGE_TOP)  # the ranking of every "top" tensor
+    top_contexts: torch.Tensor = field(metadata=MERGE_TOP)
     # set by compute_entropy: (D,) each
     token_entropy: torch.Tensor | None = None
     semantic_entropy: torch.Tensor | None = None
@@ -54,9 +64,39 @@ class LayerStats:
     TENSORS = ("sums", "fires", "top_values", "top_contexts", "token_entropy", "semantic_entropy", "selected", "theta")
 
     @classmethod
-    def empty(cls, layer: int, vocab: int, dim: int, k: int | None, top: int = TOP, context: int = BEFORE + 1 + AFTER):
-        return cls(layer, k, torch.zeros(vocab, dim), torch.zeros(dim, dtype=torch.int64), torch.zeros(dim, top),
-                   torch.full((dim, top, context), -1, dtype=torch.int32))
+    def empty(cls, layer: int, vocab: int, dim: int, k: int | None, top: int = TOP,
+              context: int = BEFORE + 1 + AFTER, device="cpu"):
+        return cls(layer, k, torch.zeros(vocab, dim, device=device), torch.zeros(dim, dtype=torch.int64, device=device),
+                   torch.zeros(dim, top, device=device), torch.full((dim, top, context), -1, dtype=torch.int32, device=device))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor this layer holds, by field name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def to(self, device) -> "LayerStats":
+        for name, t in self.tensors().items():
+            setattr(self, name, t.to(device))
+        return self
+
+    def merge_ranks(self) -> None:
+        """Combine this layer's statistics over the processes of a data-parallel pass, in place on every
+        process, by each tensor's `merge` rule; a tensor without one is a mistake, not silently dropped."""
+        world = dist.get_world_size()
+        M = self.top_values.shape[1]
+        order = None
+        if M:  # the M best of the G x M candidates of every unit, by value
+            order = torch.cat(_all_gather(self.top_values, world), dim=1).topk(M, dim=1).indices
+        for name, t in self.tensors().items():
+            rule = next(f.metadata.get("merge") for f in fields(self) if f.name == name)
+            if rule == "sum":
+                dist.all_reduce(t)
+            elif rule == "top":
+                if order is not None:
+                    merged = torch.cat(_all_gather(t, world), dim=1)  # (D, G*M, ...)
+                    index = order.view(*order.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:])
+                    setattr(self, name, merged.gather(1, index))
+            else:
+                raise ValueError(f"LayerStats.{name} has no merge rule (field metadata 'merge': sum or top)")
 
     @property
     def dim(self) -> int:
@@ -64,7 +104,7 @@ class LayerStats:
 
     def update(self, acts: torch.Tensor, tokens: torch.Tensor, context_of) -> None:
         """acts (N, D) activations at N positions, tokens (N,) their ids; context_of(positions) -> (n, C)."""
-        D = self.dim
+        D, device = self.dim, acts.device
         if self.k is not None:
             positions, idx = (acts > 0).nonzero(as_tuple=True)  # at most k entries per position
             values = acts[positions, idx]
@@ -76,7 +116,7 @@ class LayerStats:
             self.sums.index_add_(0, tokens, acts)
             self.fires += (acts > 0).sum(0)
             values, positions = acts.topk(min(self.top_values.shape[1], len(acts)), dim=0)  # (M, D) per neuron
-            neurons = torch.arange(D).expand_as(values)
+            neurons = torch.arange(D, device=device).expand_as(values)
             live = values > 0
             self._offer(neurons[live], values[live], positions[live], context_of)
 
@@ -93,12 +133,13 @@ class LayerStats:
         order = order[neurons[order].argsort(stable=True)]  # grouped by neuron, best first within a group
         neurons, values, positions = neurons[order], values[order], positions[order]
         touched, row, count = torch.unique_consecutive(neurons, return_inverse=True, return_counts=True)
-        rank = torch.arange(len(neurons)) - (count.cumsum(0) - count)[row]
+        rank = torch.arange(len(neurons), device=neurons.device) - (count.cumsum(0) - count)[row]
         keep = rank < M
         row, rank = row[keep], rank[keep]
-        new_values = torch.zeros(len(touched), M)
+        new_values = torch.zeros(len(touched), M, device=neurons.device)
         new_values[row, rank] = values[keep]
-        new_contexts = torch.full((len(touched), M, self.top_contexts.shape[2]), -1, dtype=torch.int32)
+        new_contexts = torch.full((len(touched), M, self.top_contexts.shape[2]), -1, dtype=torch.int32,
+                                  device=neurons.device)
         new_contexts[row, rank] = context_of(positions[keep])
         merged = torch.cat([self.top_values[touched], new_values], dim=1)  # (U, 2M)
         best, which = merged.topk(M, dim=1)
@@ -107,9 +148,22 @@ class LayerStats:
         self.top_contexts[touched] = contexts.gather(1, which[..., None].expand(-1, -1, contexts.shape[2]))
 
 
-def memory_bytes(vocab: int, dim: int, layers: int, top: int = TOP, context: int = BEFORE + 1 + AFTER) -> int:
-    """Accumulator memory: sums per layer, the top contexts, and the embedding kept once."""
-    return layers * (4 * vocab * dim + 8 * dim + dim * top * (4 + 4 * context)) + 4 * vocab * dim
+def memory_needs(model, width: int, layers: int, batch_tokens: int, dtype_bytes: int, top: int = TOP,
+                 context: int = BEFORE + 1 + AFTER) -> tuple[dict[str, int], dict[str, int]]:
+    """Bytes a statistics pass needs, ({part: bytes} on the model's device, {part: bytes} in host memory), for a
+    ModelConfig `model`, `layers` analysed layers of `width` units and batches of `batch_tokens` tokens.
+
+    device: the weights; the accumulators (per layer V x width fp32 sums, the top contexts); one batch's
+            activations (an estimate: the SwiGLU hidden three times, the residual stream six times, and the
+            fp32 copy the statistics take of a layer's output)
+    host:   the accumulators again (saved from there), the fp32 embedding, and for entropy a V x V byte table
+            of cosine bins and one layer's per-token means in fp32 and fp64"""
+    V, D, F = model.vocab_size, model.dim, model.ffn_dim
+    accumulators = layers * (4 * V * width + 8 * width + width * top * (4 + 4 * context))
+    device = {"model": model.num_params() * dtype_bytes, "statistics": accumulators,
+              "a batch's activations": batch_tokens * ((3 * F + 6 * D) * dtype_bytes + 8 * width)}
+    host = {"statistics": accumulators, "embedding": 4 * V * D, "entropy": V * V + 20 * V * width}
+    return device, host
 
 
 def pieces_of(tokenizer, vocab: int) -> list[str]:
@@ -120,39 +174,60 @@ def pieces_of(tokenizer, vocab: int) -> list[str]:
 def collect(units, tokenizer, batches, max_tokens: int, layers=None, top: int = TOP, before: int = BEFORE,
             after: int = AFTER, progress: bool = True) -> "Stats":
     """One pass over `batches` of (B, T) token ids, reading `units` (analysis.units: the model's neurons or
-    an SAE's latents) at `layers` (default: every layer that has units); entropies not yet computed."""
+    an SAE's latents) at `layers` (default: every layer that has units); entropies not yet computed.
+    Accumulated on the model's device, returned on the CPU. In a process group (torch.distributed initialised,
+    as `python -m topk_ds.analysis` does under a launcher) process r runs batches r, r + G, r + 2G, ... and
+    every process returns the statistics of all the batches."""
     model = units.model
     layers = units.check_layers(layers)
+    device = model.model.tok_embeddings.weight.device
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     V, D = model.model.cfg.vocab_size, units.width
-    stats = {l: LayerStats.empty(l, V, D, units.sparsity(l), top, before + 1 + after) for l in layers}
-    counts = torch.zeros(V, dtype=torch.int64)
+    stats = {l: LayerStats.empty(l, V, D, units.sparsity(l), top, before + 1 + after, device) for l in layers}
+    counts = torch.zeros(V, dtype=torch.int64, device=device)
     batch = {}
 
     def record(l, acts):
         stats[l].update(acts.reshape(-1, D).float(), batch["tokens"], batch["context_of"])
 
     seen, T = 0, None
-    bar = progress_of(total=max_tokens, desc="stats", unit="tok", unit_scale=True, enabled=progress)
+    bar = progress_of(total=max_tokens, desc="stats", unit="tok", unit_scale=True, enabled=progress and rank == 0)
     try:
         with torch.inference_mode(), units.record(layers, record):
-            for tokens in batches:
+            for j, tokens in enumerate(batches):
                 T = tokens.shape[1]
-                padded = torch.nn.functional.pad(tokens, (before, after), value=-1).to(torch.int32)
-                windows = padded.unfold(1, before + 1 + after, 1)  # (B, T, C): the context of every position
-                batch["tokens"] = tokens.reshape(-1)
-                batch["context_of"] = lambda pos, w=windows, T=T: w[pos // T, pos % T]
-                counts += torch.bincount(batch["tokens"], minlength=V)
-                run_until_recorded(model, tokens)
-                seen += tokens.numel()
-                bar.update(tokens.numel())
+                if j % world == rank:
+                    tokens = tokens.to(device)
+                    padded = torch.nn.functional.pad(tokens, (before, after), value=-1).to(torch.int32)
+                    windows = padded.unfold(1, before + 1 + after, 1)  # (B, T, C): the context of every position
+                    batch["tokens"] = tokens.reshape(-1)
+                    batch["context_of"] = lambda pos, w=windows, T=T: w[pos // T, pos % T]
+                    counts += torch.bincount(batch["tokens"], minlength=V)
+                    run_until_recorded(model, tokens)
+                    seen += tokens.numel()
+                bar.update(tokens.numel())  # every batch, so that rank 0's bar shows the whole pass
     finally:
         bar.close()
+    if world > 1:
+        total = torch.tensor([seen], device=device)
+        for t in (total, counts):
+            dist.all_reduce(t)
+        seen = int(total.item())
+        for ls in stats.values():
+            ls.merge_ranks()
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "units": units.name, "fingerprint": units.fingerprint(),
             "tokens": seen, "seq_len": T, "vocab_size": V, "dim": D, "n_layers": model.model.cfg.n_layers,
             "context_before": before, "context_after": after, "top_contexts": top, "activation": ACTIVATION_NOTE,
             "layers": [{"layer": l, "kind": units.kind(l), "k": units.sparsity(l),
                         "accumulation": "sparse" if stats[l].k is not None else "dense"} for l in layers]}
-    return Stats(meta, counts, model.model.tok_embeddings.weight.detach().float().clone(), stats, pieces_of(tokenizer, V))
+    embedding = model.model.tok_embeddings.weight.detach().to("cpu", torch.float32, copy=True)
+    return Stats(meta, counts.cpu(), embedding, {l: ls.to("cpu") for l, ls in stats.items()}, pieces_of(tokenizer, V))
+
+
+def _all_gather(t: torch.Tensor, world: int) -> list[torch.Tensor]:
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t.contiguous())
+    return out
 
 
 def compute_entropy(stats: "Stats", percentile: float = entropy.PERCENTILE, ratio: float = entropy.THRESHOLD_RATIO,
@@ -247,7 +322,7 @@ class Stats:
     @classmethod
     def load(cls, path, layers=None) -> "Stats":
         """The statistics in `path`; with `layers`, only those layers' tensors are read."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         try:
@@ -266,7 +341,7 @@ class Stats:
                 loaded = {l: LayerStats(l, k_of[l], **{n: f.get_tensor(f"layer{l}.{n}") for n in LayerStats.TENSORS
                                                        if f"layer{l}.{n}" in names}) for l in wanted}
             pieces = json.loads((path / "vocab.json").read_text())
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
             raise UserError(f"the statistics in {path} are incomplete or corrupt ({str(e).splitlines()[0]}); "
                             f"recompute them") from None
         return cls(meta, counts, embedding, loaded, pieces, path)
