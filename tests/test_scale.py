@@ -12,23 +12,9 @@ import weakref
 import pytest
 import torch
 
-from conftest import RUN_SAVE_EVERY, RUN_STEPS
+from conftest import RUN_SAVE_EVERY, RUN_STEPS, assert_one_error, cli_main
 
 STATS_TOKENS = 4096
-
-
-def fails_in_one_line(capsys, argv, *words, code=2):
-    """`topk-ds ARGV` in process: exit `code`, one error line on stderr naming `words`, no traceback."""
-    from topk_ds.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if "error" in line.lower()]
-    assert e.value.code == code and len(lines) == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture
@@ -78,9 +64,9 @@ def test_device_that_is_not_there_is_one_line_before_any_work(no_gpu, tiny_hf, t
                  ["analyze", "trace", tiny_run, "--entropy", "--out", out],
                  ["steer", tiny_hf, "--neuron", "0:1", "--offset", 2, "--out", out / "s.json"],
                  ["eval", tiny_hf, "--suite", "local", "--out", out]):
-        fails_in_one_line(capsys, [*argv, "--device", "cuda:1"], "--device cuda:1", "CUDA is not available")
-    fails_in_one_line(capsys, ["steer", tiny_hf, "--neuron", "0:1", "--offset", 2, "--device", "gpu"], "--device",
-                      "auto, cpu, cuda or cuda:N")
+        assert_one_error(cli_main(capsys, *argv, "--device", "cuda:1"), "--device cuda:1", "CUDA is not available")
+    assert_one_error(cli_main(capsys, "steer", tiny_hf, "--neuron", "0:1", "--offset", 2, "--device", "gpu"),
+                     "--device", "auto, cpu, cuda or cuda:N")
     assert not out.exists()
 
 
@@ -174,9 +160,9 @@ def test_stats_states_its_memory_and_cost_and_refuses_what_does_not_fit(tiny_hf,
     out = tmp_path / "out"
     argv = ["analyze", "stats", tiny_hf, "--data", synthetic_data[1], "--out", out, "--tokens", 1000, "--seq-len", 64,
             "--device", "cpu"]
-    fails_in_one_line(capsys, argv, "the model would load here")
+    assert_one_error(cli_main(capsys, *argv), "the model would load here")
     monkeypatch.setattr(devices, "available_memory", lambda device: 2**20)
-    line = fails_in_one_line(capsys, argv, "analyze stats needs", "1 MiB available", "not enough", "--layers")
+    line = assert_one_error(cli_main(capsys, *argv), "analyze stats needs", "1 MiB available", "not enough", "--layers")
     assert "statistics" in line and "model" in line and not out.exists()
 
 
@@ -191,21 +177,22 @@ def test_stats_memory_grows_with_the_analysed_layers():
     m = dataclasses.replace(preset("paper-2048x24").model, vocab_size=32000)
     one, _ = memory_needs(m, m.dim, 1, 8192, 2)
     every, host = memory_needs(m, m.dim, 24, 8192, 2)
-    assert one["statistics"] == 4 * 32000 * 2048 + 8 * 2048 + 2048 * 20 * (4 + 4 * 21) and every["statistics"] == 24 * one["statistics"]
+    assert one["statistics"] == 4 * 32000 * 2048 + 8 * 2048 + 2048 * 20 * (4 + 4 * 21)
+    assert every["statistics"] == 24 * one["statistics"]
     assert host["entropy"] >= 32000**2 and one["model"] == 2 * m.num_params()
 
 
 def test_analysis_bad_values_are_one_line(tiny_hf, tiny_run, synthetic_data, tmp_path, capsys):
     """Non-finite and negative values, and a window longer than the model's context."""
     steer = ["steer", tiny_hf, "--neuron", "0:1", "--out", tmp_path / "s.json", "--offset"]
-    fails_in_one_line(capsys, [*steer, "nan"], "--offset", "finite")
-    fails_in_one_line(capsys, [*steer, "inf"], "--offset", "finite")
-    fails_in_one_line(capsys, ["analyze", "entropy", tmp_path, "--threshold", "nan"], "--threshold", "finite")
-    fails_in_one_line(capsys, ["analyze", "neuron", tmp_path, "0:1", "--contexts", "-3"], "--contexts", ">= 0")
-    fails_in_one_line(capsys, ["analyze", "stats", tiny_hf, "--data", synthetic_data[1], "--out", tmp_path / "o",
-                               "--seq-len", 100000], "--seq-len 100000 exceeds the model's context", "<= 256")
-    fails_in_one_line(capsys, ["analyze", "trace", tiny_run, "--entropy", "--seq-len", 100000, "--out", tmp_path / "t"],
-                      "--seq-len 100000 exceeds")
+    assert_one_error(cli_main(capsys, *steer, "nan"), "--offset", "finite")
+    assert_one_error(cli_main(capsys, *steer, "inf"), "--offset", "finite")
+    assert_one_error(cli_main(capsys, "analyze", "entropy", tmp_path, "--threshold", "nan"), "--threshold", "finite")
+    assert_one_error(cli_main(capsys, "analyze", "neuron", tmp_path, "0:1", "--contexts", "-3"), "--contexts", ">= 0")
+    assert_one_error(cli_main(capsys, "analyze", "stats", tiny_hf, "--data", synthetic_data[1], "--out", tmp_path / "o",
+                              "--seq-len", 100000), "--seq-len 100000 exceeds the model's context", "<= 256")
+    assert_one_error(cli_main(capsys, "analyze", "trace", tiny_run, "--entropy", "--seq-len", 100000, "--out",
+                              tmp_path / "t"), "--seq-len 100000 exceeds")
     assert not (tmp_path / "s.json").exists() and not (tmp_path / "o").exists() and not (tmp_path / "t").exists()
 
 
@@ -226,7 +213,7 @@ def test_truncated_statistics_are_one_line(small_stats, tmp_path, capsys):
     os.truncate(tensors, tensors.stat().st_size // 2)
     for argv in (["analyze", "neuron", broken, "0:1"], ["analyze", "entropy", broken],
                  ["analyze", "browse", broken, "--out", tmp_path / "site"]):
-        fails_in_one_line(capsys, argv, str(broken), "incomplete or corrupt")
+        assert_one_error(cli_main(capsys, *argv), str(broken), "incomplete or corrupt")
     assert not (tmp_path / "site").exists()
 
 
@@ -320,14 +307,14 @@ def test_trace_tokenises_once_and_times_every_checkpoint(tiny_run, tmp_path, cap
     calls = []
     tokenise = trace.token_batches
     monkeypatch.setattr(trace, "token_batches", lambda *a, **k: calls.append(a) or tokenise(*a, **k))
-    main(["analyze", "trace", str(tiny_run), "--neuron", "0:5", "--token", "chef", "--tokens", "640", "--out",
+    main(["analyze", "trace", str(tiny_run), "--neuron", "0:5", "--token", "the", "--tokens", "640", "--out",
           str(tmp_path)])
     err = capsys.readouterr().err
     assert len(calls) == 1  # one tokenisation, reused by all three checkpoints
     steps = range(RUN_SAVE_EVERY, RUN_STEPS + 1, RUN_SAVE_EVERY)
     assert all(f"global_step{s}: " in err and "(load " in err for s in steps)
     assert "analyze trace over 3 checkpoints: 1,920 tokens x" in err  # 3 x 10 windows of 64
-    assert json.loads((tmp_path / "trace-5-chef.json").read_text())["steps"] == list(steps)
+    assert json.loads((tmp_path / "trace-5-the.json").read_text())["steps"] == list(steps)
 
 
 def test_eval_frees_each_model_before_the_next_and_estimates_its_tokens(tiny_hf, tiny_run, tmp_path, capsys,

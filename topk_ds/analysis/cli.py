@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..arguments import count, device_args, number, positive
 from ..errors import UserError
+from ..io import check_output
 from .settings import BINS, PERCENTILE, PROMPT, THRESHOLD_RATIO, TOP, TRACE_TOKENS
 
 STATS_HELP = """\
@@ -174,6 +175,8 @@ def _entropy(a):
     if a.names and len(a.names) != len(a.stats):
         raise UserError(f"--names gives {len(a.names)} names for {len(a.stats)} statistics directories")
     check_settings(a)
+    if a.compare:
+        check_output(a.compare, "analyze entropy --compare", kind="file")
     models = []
     for j, path in enumerate(a.stats):
         stats = Stats.load(path)
@@ -205,6 +208,8 @@ def _neuron(a):
     from .stats import Stats
 
     layer, index = parse_neuron(a.neuron)
+    if a.json:
+        check_output(a.json, "analyze neuron --json", kind="file")
     if a.data:
         check_settings(a)
     if _is_stats(a.model):
@@ -244,7 +249,7 @@ def _trace(a):
     from .plots import entropy_over_training, neuron_heatmap
     from .trace import run_data, trace_entropy, trace_neuron
 
-    out = Path(a.out) if a.out else Path(a.run_dir) / "analysis"
+    out = check_output(Path(a.out) if a.out else Path(a.run_dir) / "analysis", "analyze trace")
     if a.entropy == bool(a.neuron):
         raise UserError("give either --neuron L:I --token WORD (Figure 5) or --entropy (Figure 4)")
     if a.neuron and not a.token:
@@ -295,6 +300,9 @@ def _steer(a):
     from .steer import format_table, steer
 
     layer, index = parse_neuron(a.neuron)
+    out = Path(a.out) if a.out else (Path(a.stats) / "steering" / f"{layer}_{index}.json" if a.stats
+                                     else Path(f"steer_{layer}_{index}.json"))
+    check_output(out, "steer", kind="file")
     device, dtype = _plan_generation(a, layer, len({0.0, *a.offset}))
     model, tokenizer = load(a.model, tag=a.tag, device=device, dtype=dtype)
     units = _units(model)
@@ -313,8 +321,6 @@ def _steer(a):
         topic = LayerReport(stats, layer, concepts).summary(index)["topic"]
     result = steer(units, tokenizer, layer, index, a.offset, a.prompt, a.samples, a.seed, a.max_new_tokens, concepts, topic)
     print(format_table(result))
-    out = Path(a.out) if a.out else (Path(a.stats) / "steering" / f"{layer}_{index}.json" if a.stats
-                                     else Path(f"steer_{layer}_{index}.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     print(f"wrote {len(result['offsets'])} x {a.samples} samples of neuron {a.neuron} to {out}")
