@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..arguments import positive
 from ..errors import UserError
+from ..io import check_output
 from .settings import BINS, EXPORT_FORMATS, PERCENTILE, PROMPT, THRESHOLD_RATIO, TOP, TRACE_TOKENS
 
 STATS_HELP = """\
@@ -150,6 +151,8 @@ def _entropy(a):
     if a.names and len(a.names) != len(a.stats):
         raise UserError(f"--names gives {len(a.names)} names for {len(a.stats)} statistics directories")
     check_settings(a)
+    if a.compare:
+        check_output(a.compare, "analyze entropy --compare", kind="file")
     models = []
     for j, path in enumerate(a.stats):
         stats = Stats.load(path)
@@ -180,6 +183,8 @@ def _neuron(a):
     from .stats import Stats
 
     layer, index = parse_neuron(a.neuron)
+    if a.json:
+        check_output(a.json, "analyze neuron --json", kind="file")
     if a.data:
         check_settings(a)
     if _is_stats(a.model):
@@ -211,7 +216,7 @@ def _trace(a):
     from .plots import entropy_over_training, neuron_heatmap
     from .trace import trace_entropy, trace_neuron
 
-    out = Path(a.out) if a.out else Path(a.run_dir) / "analysis"
+    out = check_output(Path(a.out) if a.out else Path(a.run_dir) / "analysis", "analyze trace")
     if a.entropy == bool(a.neuron):
         raise UserError("give either --neuron L:I --token WORD (Figure 5) or --entropy (Figure 4)")
     if a.neuron and not a.token:
@@ -268,6 +273,9 @@ def _steer(a):
     samples = a.samples or (1 if a.greedy else 5)
     if samples < 1 or a.max_new_tokens < 1:
         raise UserError("--samples and --max-new-tokens must be >= 1")
+    out = Path(a.out) if a.out else (Path(a.stats) / "steering" / f"{layer}_{index}.json" if a.stats
+                                     else Path(f"steer_{layer}_{index}.json"))
+    check_output(out, "steer", kind="file")
     model, tokenizer = load(a.model, tag=a.tag)
     units = _units(model)
     units.check(layer, index)
@@ -286,8 +294,6 @@ def _steer(a):
     result = steer(units, tokenizer, layer, index, a.offset, a.prompt, samples, a.seed, a.max_new_tokens, concepts, topic,
                    a.greedy)
     print(format_table(result))
-    out = Path(a.out) if a.out else (Path(a.stats) / "steering" / f"{layer}_{index}.json" if a.stats
-                                     else Path(f"steer_{layer}_{index}.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     print(f"wrote {len(result['offsets'])} x {samples} samples of neuron {a.neuron} to {out}")
