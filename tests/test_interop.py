@@ -225,6 +225,8 @@ def test_export_refuses_bad_input_with_one_line(stats_dir, tmp_path, capsys):
     (gone / "stats.json").write_text(json.dumps(meta | {"model": str(tmp_path / "deleted-model")}))
     assert "the model of these statistics is gone" in fails(capsys, "analyze", "export", gone, "--format", "sparsify",
                                                             "--out", tmp_path / "sp")
+    (gone / "stats.json").write_text(json.dumps(meta | {"format_version": 1}))  # statistics of an older topk_ds
+    assert "format version 1" in fails(capsys, "analyze", "export", gone, "--format", "neuronpedia", "--out", tmp_path / "np")
     assert "--greedy decodes one text" in fails(capsys, "steer", tmp_path, "--neuron", "0:1", "--offset", 1, "--greedy",
                                                 "--samples", 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "stats-of-a-gone-model"]  # nothing half-written

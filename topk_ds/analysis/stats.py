@@ -333,8 +333,11 @@ class Stats:
         except (OSError, ValueError):
             raise UserError(f"{path} holds no statistics (no readable stats.json); make them with "
                             f"`topk-ds analyze stats MODEL --data DATA --out {path}`") from None
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{path}/stats.json is not a topk_ds statistics file of version {FORMAT_VERSION}")
+        if meta.get("format") != FORMAT:
+            raise UserError(f"{path}/stats.json is not a topk_ds statistics file")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"the statistics in {path} are of format version {meta.get('format_version')}, this topk_ds "
+                            f"reads version {FORMAT_VERSION}; recompute them with `topk-ds analyze stats`")
         wanted = [row["layer"] for row in meta["layers"] if layers is None or row["layer"] in layers]
         k_of = {row["layer"]: row["k"] if row["accumulation"] == "sparse" else None for row in meta["layers"]}
         try:
