@@ -65,6 +65,24 @@ def test_nnsight_reads_a_topk_site_and_steers_like_topk_ds_steer(tiny_hf, tmp_pa
             assert len(codes) == new and all((code[..., index] > 0).all() for code in codes)
 
 
+# --- statistics the exports and the browser read -----------------------------------------------------------
+
+def test_direct_logit_effect_is_the_direction_through_the_norm_gain_and_unembedding(stats_dir, tiny_hf):
+    """Residual neuron i writes e_i: its logit effect on token v is g_i * W_U[v, i] (the final RMSNorm's gain g);
+    the saved promoted and suppressed tokens are the 10 largest and smallest of those."""
+    from topk_ds import load
+    from topk_ds.analysis.stats import Stats
+
+    model, _ = load(tiny_hf)
+    effect = (model.model.norm.weight[:, None] * model.model.output.weight.T).detach()  # (D, V)
+    up, down = effect.topk(10, dim=1), effect.topk(10, dim=1, largest=False)
+    stats = Stats.load(stats_dir)
+    for ls in stats.layers.values():
+        assert torch.equal(ls.promoted_ids.long(), up.indices) and torch.equal(ls.suppressed_ids.long(), down.indices)
+        torch.testing.assert_close(ls.promoted, up.values)
+        torch.testing.assert_close(ls.suppressed, down.values)
+
+
 # --- Neuronpedia ------------------------------------------------------------------------------------------
 
 OPTIONAL_STR, OPTIONAL_INT, OPTIONAL_FLOAT = (str, type(None)), (int, type(None)), (float, type(None))
