@@ -8,7 +8,7 @@ from pathlib import Path
 from ..arguments import count, device_args, number, positive
 from ..errors import UserError
 from ..io import check_output
-from .settings import BINS, PERCENTILE, PROMPT, THRESHOLD_RATIO, TOP, TRACE_TOKENS
+from .settings import BINS, EXPORT_FORMATS, PERCENTILE, PROMPT, THRESHOLD_RATIO, TOP, TRACE_TOKENS
 
 STATS_HELP = """\
 Run MODEL (a converted directory, a run directory or a checkpoint tag) over --tokens tokens of
@@ -18,7 +18,11 @@ streaming pass, then compute token and semantic entropy (the paper's eq. 4-11, s
   OUT/stats.json           model fingerprint (config, alpha, step, weight hash), data, settings,
                            per-layer summary: L0, dead neurons, mean/std of both entropies
   OUT/tensors.safetensors  counts (V,), embedding (V, E); per layer: sums (V, D) [abar = sums /
-                           counts], fires (D,), top_values (D, M), top_contexts (D, M, C),
+                           counts], fires (D,), histogram (D, 64) [non-zero activations in
+                           log-spaced bins, 1e-4..1e4], top_values (D, M), top_contexts (D, M, C)
+                           and top_acts (D, M, C) [the neuron's activation at each context token],
+                           promoted / suppressed (+ _ids) (D, 10) [direct logit effect: its
+                           direction through the final norm's gain and the unembedding],
                            token_entropy, semantic_entropy (NaN when |S| < 2), selected (|S|), theta
   OUT/vocab.json           the token strings
 
@@ -27,13 +31,30 @@ per position). TopK layers at alpha = 0 are accumulated on their k selected entr
 
 Memory, stated before the model is loaded (and refused, naming the need and what is available, when it
 does not fit): on the model's device the weights, 4*V*D bytes per analysed layer for the per-token sums,
-D*M*(4 + 4*C) per layer for the top contexts (C = 21 tokens) and one batch's activations; in host
-memory the sums again (they are saved from there), 4*V*E for the embedding and, for semantic entropy,
-a V'*V' byte table of cosine bins (V' = token ids seen). For V=32000, D=2048: 262 MB per layer (6.3 GB
-for 24 layers), and 1 GB for the table. Use --layers to analyse fewer layers.
+D*M*(4 + 8*C) per layer for the top contexts with their activations (C = 21 tokens), 520*D for the
+histograms, and one batch's activations; in host memory the accumulators again (they are saved from
+there), 4*V*E for the embedding and, for semantic entropy, a V'*V' byte table of cosine bins (V' = token
+ids seen). For V=32000, D=2048: 270 MB per layer (6.5 GB for 24 layers), and 1 GB for the table. Use
+--layers to analyse fewer layers.
 
 On G processes: `deepspeed --num_gpus G --module topk_ds.analysis stats ...` (or torchrun --nproc-per-node
 G -m topk_ds.analysis, mpirun, srun) splits the batches among them and writes what one process would."""
+
+
+
+EXPORT_HELP = """\
+Write saved statistics (`topk-ds analyze stats`) in the format of another tool; nothing is recomputed.
+
+  neuronpedia  Neuronpedia's import layout: OUT/MODEL_ID/LAYER-SOURCE_SET/{model,release,sourceset,
+               source}.jsonl, features/batch-N.jsonl.gz and activations/batch-N.jsonl.gz (the records
+               Neuronpedia's export and SAEDashboard's exporter write), for neurons and SAE latents
+  sparsify     every TopK layer as an EleutherAI sparsify SparseCoder (identity encoder and decoder,
+               the layer's k): OUT/layers.L.act/{cfg.json,sae.safetensors}; opens with
+               sparsify.SparseCoder.load_many(OUT, local=True)
+  saelens      the same as SAELens TopK SAEs: OUT/layers.L.act/{cfg.json,sae_weights.safetensors};
+               opens with sae_lens.SAE.load_from_disk(OUT/layers.L.act)
+
+The SAE formats need the model: the one whose path stats.json recorded, or --model."""
 
 
 def check_settings(a) -> None:
@@ -161,7 +182,7 @@ def _stats(a):
     stats = _collect(_units(model), tokenizer, a, layers, seq_len)
     if rank() != 0:  # one process writes
         return
-    stats.meta |= {"model": str(a.model), "data": str(a.data), "split": a.split,
+    stats.meta |= {"model": str(Path(a.model).resolve()), "tag": a.tag, "data": str(a.data), "split": a.split,
                    "concepts": str(concepts.path.resolve()) if concepts else None}
     stats.save(out)
     short = "" if stats.tokens >= a.tokens else f" (all the data holds; {a.tokens:,} asked)"
@@ -292,6 +313,17 @@ def _browse(a):
     print(f"wrote a neuron browser ({pages} neuron pages) to {a.out}/index.html (opens from file://, no network)")
 
 
+def _export(a):
+    from ..io import check_replaceable
+    from .export import MARKER, export
+
+    check_replaceable(Path(a.out), MARKER, "analyze export")
+    names = {"model_id": a.model_id, "source_set": a.source_set, "release": a.release, "creator": a.creator}
+    written = export(a.stats, a.format, a.out, a.model, a.layers, names)
+    print(f"wrote {len(written)} {'sources' if a.format == 'neuronpedia' else 'SAEs'} in {a.format} format to {a.out} "
+          f"({', '.join(written)})")
+
+
 def _steer(a):
     from ..convert.hf_export import load
     from ..io import write_json
@@ -300,10 +332,13 @@ def _steer(a):
     from .steer import format_table, steer
 
     layer, index = parse_neuron(a.neuron)
+    if a.greedy and a.samples not in (None, 1):
+        raise UserError(f"--greedy decodes one text per offset; drop --samples {a.samples}")
+    samples = a.samples or (1 if a.greedy else 5)
     out = Path(a.out) if a.out else (Path(a.stats) / "steering" / f"{layer}_{index}.json" if a.stats
                                      else Path(f"steer_{layer}_{index}.json"))
     check_output(out, "steer", kind="file")
-    device, dtype = _plan_generation(a, layer, len({0.0, *a.offset}))
+    device, dtype = _plan_generation(a, layer, len({0.0, *a.offset}), samples)
     model, tokenizer = load(a.model, tag=a.tag, device=device, dtype=dtype)
     units = _units(model)
     units.check(layer, index)
@@ -319,16 +354,17 @@ def _steer(a):
         if stats is None:
             raise UserError("to score topic words, name the neuron's topic with --topic or pass --stats DIR to label it")
         topic = LayerReport(stats, layer, concepts).summary(index)["topic"]
-    result = steer(units, tokenizer, layer, index, a.offset, a.prompt, a.samples, a.seed, a.max_new_tokens, concepts, topic)
+    result = steer(units, tokenizer, layer, index, a.offset, a.prompt, samples, a.seed, a.max_new_tokens, concepts, topic,
+                   a.greedy)
     print(format_table(result))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
-    print(f"wrote {len(result['offsets'])} x {a.samples} samples of neuron {a.neuron} to {out}")
+    print(f"wrote {len(result['offsets'])} x {samples} samples of neuron {a.neuron} to {out}")
 
 
-def _plan_generation(a, layer: int, offsets: int):
+def _plan_generation(a, layer: int, offsets: int, samples: int):
     """Before any weights are read, for steer: the device, the layer, the memory of the model and the cost of
-    sampling --samples continuations per offset (the unsteered one included). -> (device, dtype)."""
+    `samples` continuations per offset (the unsteered one included). -> (device, dtype)."""
     from ..convert.hf_export import read_config
     from ..devices import check_memory, cost_line, resolve
     from .units import check_layers
@@ -337,8 +373,8 @@ def _plan_generation(a, layer: int, offsets: int):
     model, _ = read_config(a.model, a.tag)
     check_layers([layer], list(range(model.n_layers)), model.n_layers)
     print(check_memory("steer", {"model": model.num_params() * dtype.itemsize}, device), file=sys.stderr)
-    tokens = offsets * a.samples * (a.max_new_tokens + len(a.prompt.split()) + 1)  # ~ a token per word of the prompt
-    print(cost_line(f"steer: {offsets} offsets x {a.samples} samples of {a.max_new_tokens} new tokens", tokens,
+    tokens = offsets * samples * (a.max_new_tokens + len(a.prompt.split()) + 1)  # ~ a token per word of the prompt
+    print(cost_line(f"steer: {offsets} offsets x {samples} samples of {a.max_new_tokens} new tokens", tokens,
                     model.flops_per_token(a.max_new_tokens, training=False), device, dtype), file=sys.stderr, flush=True)
     return device, dtype
 
@@ -420,6 +456,20 @@ def add_commands(commands) -> None:
     p.add_argument("--contexts", type=count, default=10, help="top contexts per neuron page (default 10)")
     p.set_defaults(run=_browse)
 
+    p = sub.add_parser("export", help="saved statistics as Neuronpedia's import layout, or TopK layers as SAEs of "
+                       "sparsify / SAELens", description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stats", metavar="STATS_DIR")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    p.add_argument("--out", required=True, help="directory to write (replaced as a whole)")
+    p.add_argument("--layers", type=int, nargs="+", help="layers to export (default: every analysed layer)")
+    p.add_argument("--model", help="sparsify/saelens: the model the statistics came from (default: the one recorded "
+                   "in STATS_DIR/stats.json; checked against the statistics' fingerprint)")
+    p.add_argument("--model-id", help="neuronpedia: the model's id (default topk-llama-DIMxLAYERS-kK)")
+    p.add_argument("--source-set", help="neuronpedia: the source set (default topk-res-WIDTH, sae-res-WIDTH for latents)")
+    p.add_argument("--release", help="neuronpedia: the release name (default topk-ds)")
+    p.add_argument("--creator", help="neuronpedia: the creator's name (default topk_ds)")
+    p.set_defaults(run=_export)
+
     p = commands.add_parser("steer", help="generate with one neuron's pre-activation offset (concept steering)",
                             description="Add each --offset to neuron L:I's pre-activation at every position (prompt and "
                             "every generated token, KV cache on) and sample with the paper's settings (temperature 0.7, "
@@ -429,8 +479,10 @@ def add_commands(commands) -> None:
     p.add_argument("--neuron", required=True, metavar="L:I")
     p.add_argument("--offset", type=number, action="append", required=True, help="offset C (repeatable)")
     p.add_argument("--prompt", default=PROMPT, help=f"prompt (default {PROMPT!r})")
-    p.add_argument("--samples", type=positive, default=5, help="samples per offset (default 5)")
+    p.add_argument("--samples", type=positive, default=None, help="samples per offset (default 5; 1 with --greedy)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every offset (default 0)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling (one text "
+                   "per offset, the same on any machine)")
     p.add_argument("--max-new-tokens", type=positive, default=128, help="tokens to generate (default 128)")
     p.add_argument("--stats", help="statistics of MODEL: label the neuron, and save the samples in STATS/steering/ for browse")
     p.add_argument("--concepts", help="concepts.json (default: the one the statistics recorded)")
