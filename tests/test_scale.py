@@ -81,6 +81,14 @@ def test_load_puts_every_weight_on_the_device_in_the_dtype(tiny_hf, tiny_run):
         assert model.config.train_step == (RUN_STEPS if tag is None else RUN_SAVE_EVERY)
 
 
+def test_steer_in_bf16_states_its_cost_and_writes_its_samples(tiny_hf, tmp_path, capsys):
+    code, out, err = cli_main(capsys, "steer", tiny_hf, "--neuron", "0:1", "--offset", 2, "--samples", 1,
+                              "--max-new-tokens", 4, "--device", "cpu", "--dtype", "bf16", "--out", tmp_path / "s.json")
+    assert code == 0, err
+    assert "steer needs" in err and "steer: 2 offsets x 1 samples of 4 new tokens:" in err and "FLOP" in err
+    assert [len(r["texts"]) for r in json.loads((tmp_path / "s.json").read_text())["offsets"]] == [1, 1]
+
+
 def test_load_reads_a_checkpoint_one_tensor_at_a_time(tiny_run, monkeypatch):
     """A ZeRO checkpoint is consolidated and cast tensor by tensor: in bf16, no fp32 tensor read earlier is
     still alive when the next is read (never a second copy of the model); in fp32 the tensor read becomes

@@ -36,8 +36,9 @@ def resolve(device="auto", dtype=None) -> tuple[torch.device, torch.dtype]:
         index = int(name.split(":")[1]) if ":" in name else int(os.environ.get("LOCAL_RANK", "0"))
         count = torch.cuda.device_count()
         if index >= count:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
             raise UserError(f"--device cuda:{index}: only {count} GPU{'s' if count != 1 else ''} visible here "
-                            f"(cuda:0..cuda:{count - 1}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+                            f"(cuda:0..cuda:{count - 1}; CUDA_VISIBLE_DEVICES={visible})")
         resolved = torch.device("cuda", index)
     else:
         resolved = torch.device(name)
@@ -123,19 +124,15 @@ def cost_line(what: str, tokens: int, flops_per_token: float, device: torch.devi
     seconds = flops / (peak * ASSUMED_UTILISATION * devices)
     on = f"{devices} x {device.type}" if devices > 1 else str(device)
     return (f"{what}: {tokens:,} tokens x {flops_per_token / 1e9:.3g} GFLOP = {flops:.3g} FLOP, about "
-            f"{duration(seconds)} on {on} at {ASSUMED_UTILISATION:.0%} of {peak / 1e12:.3g} TFLOP/s ({source}; an estimate)")
+            f"{_duration(seconds)} on {on} at {ASSUMED_UTILISATION:.0%} of {peak / 1e12:.3g} TFLOP/s ({source}; an estimate)")
 
 
-def duration(seconds: float) -> str:
+def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-def model_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def free_device_memory(device: torch.device) -> None:

@@ -155,8 +155,8 @@ def _collect(units, tokenizer, a, layers, seq_len):
     from .data import token_batches
     from .stats import collect, compute_entropy
 
-    t = units.model.model
-    batches = token_batches(a.data, tokenizer, t.cfg.vocab_size, seq_len, a.tokens, max(1, a.batch_tokens // seq_len), a.split)
+    batches = token_batches(a.data, tokenizer, units.model.model.cfg.vocab_size, seq_len, a.tokens,
+                            max(1, a.batch_tokens // seq_len), a.split)
     stats = collect(units, tokenizer, batches, a.tokens, layers, a.top_contexts)
     if rank() == 0:  # on several processes every one holds the merged statistics; one goes on with them
         compute_entropy(stats, a.percentile, a.threshold, a.bins)

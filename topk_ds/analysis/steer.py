@@ -22,7 +22,7 @@ def sampling(greedy: bool = False) -> dict:
 
 def sample(model, tokenizer, prompt: str, samples: int, seed: int, max_new_tokens: int, greedy: bool = False) -> list[str]:
     """`samples` continuations of `prompt` (one batch), text only."""
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
     torch.manual_seed(seed)
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), num_return_sequences=samples,

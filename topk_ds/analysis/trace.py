@@ -47,7 +47,7 @@ def token_id(tokenizer, word: str) -> int:
                     f"trace a word that is one token")
 
 
-def over_checkpoints(run_dir, measure, device="cpu", dtype=None, progress: bool = True) -> tuple[list[int], list]:
+def _over_checkpoints(run_dir, measure, device="cpu", dtype=None, progress: bool = True) -> tuple[list[int], list]:
     """(steps, [measure(model, tokenizer) per checkpoint]) over the run's complete checkpoints, oldest first,
     one model on the device at a time (freed before the next is read); prints the time each one took."""
     device, dtype = resolve(device, dtype)
@@ -62,12 +62,12 @@ def over_checkpoints(run_dir, measure, device="cpu", dtype=None, progress: bool 
         del model
         free_device_memory(device)
         if progress:
-            bar.write(f"{tag.name}: {time.perf_counter() - start:.1f} s (load {loaded - start:.1f} s, forward "
+            bar.write(f"{tag.name}: {time.perf_counter() - start:.1f} s (load {loaded - start:.1f} s, pass "
                       f"{time.perf_counter() - loaded:.1f} s)", file=sys.stderr)
     return steps, results
 
 
-class Batches:
+class _Batches:
     """The data's windows, tokenised once (with the first checkpoint's tokenizer: a run has one) and kept on
     the device for every checkpoint."""
 
@@ -88,7 +88,7 @@ def trace_neuron(run_dir, index: int, word: str, data=None, tokens: int = TRACE_
     """{steps, word, token_id, index, mean[layer][checkpoint] (abar of `word`), overall[layer][checkpoint]
     (mean over all tokens), count}: activations as in the statistics (positive part)."""
     data, seq_len = run_data(run_dir, data, seq_len)
-    windows, found = Batches(data, seq_len, tokens, batch), {}
+    windows, found = _Batches(data, seq_len, tokens, batch), {}
 
     def measure(model, tokenizer):
         if tokenizer is None:
@@ -118,7 +118,7 @@ def trace_neuron(run_dir, index: int, word: str, data=None, tokens: int = TRACE_
                 run_until_recorded(model, window)
         return (on_word / found["count"]).tolist(), (everywhere / found["tokens"]).tolist()
 
-    steps, results = over_checkpoints(run_dir, measure, device, dtype, progress)
+    steps, results = _over_checkpoints(run_dir, measure, device, dtype, progress)
     mean, overall = zip(*results)
     return {"word": word, "token_id": found["id"], "index": index, "steps": steps, "count": found["count"],
             "tokens": found["tokens"], "data": str(data), "mean": [list(r) for r in zip(*mean)],
@@ -129,7 +129,7 @@ def trace_entropy(run_dir, data=None, tokens: int = TRACE_TOKENS, seq_len=None, 
                   progress: bool = True, device="cpu", dtype=None) -> dict:
     """{steps, layers: [{layer, kind, token: [per checkpoint {mean, std, p5, p95}], semantic: [...]}]}."""
     data, seq_len = run_data(run_dir, data, seq_len)
-    windows = Batches(data, seq_len, tokens, batch)
+    windows = _Batches(data, seq_len, tokens, batch)
 
     def measure(model, tokenizer):
         stats = collect(Neurons(model), tokenizer, windows.get(model, tokenizer), tokens, top=0, progress=False)
@@ -137,7 +137,7 @@ def trace_entropy(run_dir, data=None, tokens: int = TRACE_TOKENS, seq_len=None, 
         return [(row["layer"], row["kind"], _spread(stats.layers[row["layer"]].token_entropy),
                  _spread(stats.layers[row["layer"]].semantic_entropy)) for row in stats.meta["layers"]]
 
-    steps, results = over_checkpoints(run_dir, measure, device, dtype, progress)
+    steps, results = _over_checkpoints(run_dir, measure, device, dtype, progress)
     layers = [{"layer": l, "kind": kind, "token": [r[j][2] for r in results], "semantic": [r[j][3] for r in results]}
               for j, (l, kind, _, _) in enumerate(results[0])]
     return {"steps": steps, "tokens": tokens, "data": str(data), "layers": layers}

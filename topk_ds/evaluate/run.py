@@ -233,6 +233,7 @@ def _evaluate_one(spec: ModelSpec, tasks: list, task_manager, batch_size: str, m
     from ..devices import cost_line, free_device_memory
 
     model, tokenizer = load_model(spec, device, dtype)
+    lm = None
     try:
         flops = model.model.cfg.flops_per_token(max_length, training=False) if spec.kind == "topk" else \
             2.0 * sum(p.numel() for p in model.parameters())  # another causal LM: 2 FLOPs per weight
@@ -246,7 +247,7 @@ def _evaluate_one(spec: ModelSpec, tasks: list, task_manager, batch_size: str, m
         raise UserError(f"{spec.label}: out of memory on {device} ({str(e).splitlines()[0]}); choose a smaller "
                         "--batch-size (or auto, which finds the largest that fits)") from None
     finally:
-        del model
+        del model, lm  # the next model finds the device as this one did
         free_device_memory(device)
 
 
