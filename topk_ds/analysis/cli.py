@@ -1,4 +1,4 @@
-"""`topk-ds analyze stats|entropy|neuron|trace|browse` and `topk-ds steer`; handlers import lazily."""
+"""`topk-ds analyze stats|entropy|neuron|trace|browse|export` and `topk-ds steer`; handlers import lazily."""
 
 import argparse
 import dataclasses
