@@ -95,6 +95,7 @@ COMMANDS = {
     "analyze entropy --compare": ("file", ["analyze", "entropy", "stats", "--compare", OUT]),
     "analyze browse": ("dir", ["analyze", "browse", "stats", "--out", OUT]),
     "analyze trace": ("dir", ["analyze", "trace", "run", "--entropy", "--out", OUT]),
+    "analyze export": ("dir", ["analyze", "export", "stats", "--format", "neuronpedia", "--out", OUT]),
     "steer": ("file", ["steer", "model", "--neuron", "0:1", "--offset", 1, "--out", OUT]),
     "eval": ("dir", ["eval", "model", "--suite", "local", "--out", OUT]),
     "eval-make-local": ("dir", ["eval-make-local", "--out", OUT]),
