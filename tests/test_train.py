@@ -356,14 +356,25 @@ def test_training_draws_no_random_numbers():
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def test_concurrent_json_writers_never_share_a_temporary(tmp_path):
-    """Writers of one file (ranks on several nodes, here threads) each rename their own temporary."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def _write_many(target: Path, writer: int) -> None:
     from topk_ds.io import write_json
 
+    for _ in range(100):
+        write_json(target, {"writer": writer, "payload": "x" * 1000})
+
+
+def test_concurrent_json_writers_never_share_a_temporary(tmp_path):
+    """Processes writing one file (rank 0 of every node did, for complete.json) each rename their own
+    temporary: with one shared temporary name this raised FileNotFoundError."""
+    import multiprocessing
+
     target = tmp_path / "complete.json"
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda i: write_json(target, {"writer": i % 8, "payload": "x" * 1000}), range(400)))
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_write_many, args=(target, i)) for i in range(4)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    assert [w.exitcode for w in writers] == [0, 0, 0, 0]
     assert json.loads(target.read_text())["payload"] == "x" * 1000
     assert [p.name for p in tmp_path.iterdir()] == ["complete.json"]
