@@ -53,6 +53,13 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def shutdown() -> None:
+    """Close the process group before the interpreter exits, whatever ended the run: left to the exit,
+    gloo's threads now and then abort the process ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

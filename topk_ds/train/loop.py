@@ -11,7 +11,7 @@ from ..data.dataset import GlobalSampler, TokenWindows
 from ..errors import UserError
 from ..io import write_json
 from .checkpoint import Checkpointer, TrainState, check_same_run, is_universal, recorded_state
-from .distributed import Preemption, any_rank, mean_over_ranks, rank, together, world_size
+from .distributed import Preemption, any_rank, mean_over_ranks, rank, shutdown, together, world_size
 from .engine import Engine, init_distributed
 from .monitor import Monitor, peak_flops, truncate_metrics
 from .rundir import RunDirectory
@@ -62,6 +62,13 @@ def begin(cfg: Config, run_dir: Path, checkpointer: Checkpointer, resume: str, g
 
 def train(cfg: Config, resume: str = "none") -> Path:
     init_distributed()
+    try:
+        return _train(cfg, resume)
+    finally:
+        shutdown()
+
+
+def _train(cfg: Config, resume: str) -> Path:
     run_dir = Path(cfg.train.out_dir)
     with together():
         data, val = open_data(cfg)
