@@ -117,8 +117,14 @@ def train_args(data: Path, out: Path, dry: bool) -> list[str]:
             f"model.ffn_dim={r['ffn']}", f"model.max_seq_len={r['seq']}", f"data.seq_len={r['seq']}",
             f"train.micro_batch={r['micro']}", f"train.steps={r['steps']}", f"train.save_every={r['kill_at']}",
             f"train.precision={r['precision']}", "train.ds_config=ds_configs/zero3_bf16.json",
-            "train.activation_checkpointing=true", "train.eval_every=0", "train.lr=3e-3", "topk.anneal_ratio=1.0"]
+            "train.activation_checkpointing=true", "train.eval_every=0", "train.lr=0.003", "topk.anneal_ratio=1.0"]
     return [sys.executable, "-m", "topk_ds.cli", "train", "--config", "tiny", *[a for s in sets for a in ("--set", s)]]
+
+
+def train(args: list[str]) -> None:
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
 
 
 def losses(run: Path) -> list[float]:
@@ -130,7 +136,7 @@ def check_training_resume(data: Path, work: Path, dry: bool) -> list[dict]:
     process wrote past it before the kill landed are removed, so the resume starts at 15); resumed."""
     r = RUN[dry]
     straight, killed = work / "straight", work / "killed"
-    subprocess.run(train_args(data, straight, dry), check=True, capture_output=True, text=True, cwd=ROOT)
+    train(train_args(data, straight, dry))
     proc = subprocess.Popen(train_args(data, killed, dry), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     marker = killed / f"checkpoints/global_step{r['kill_at']}/complete.json"
@@ -143,8 +149,7 @@ def check_training_resume(data: Path, work: Path, dry: bool) -> list[dict]:
     for tag in (killed / "checkpoints").glob("global_step*"):
         if int(tag.name.removeprefix("global_step")) > r["kill_at"]:
             shutil.rmtree(tag)
-    subprocess.run(train_args(data, killed, dry) + ["--resume", "auto"], check=True, capture_output=True, text=True,
-                   cwd=ROOT)
+    train(train_args(data, killed, dry) + ["--resume", "auto"])
     a, b = losses(straight), losses(killed)
     first, last = sum(a[:5]) / 5, sum(a[-5:]) / 5
     return [{"check": f"{r['steps']}-step ZeRO-3 {r['precision']} run with activation checkpointing: the loss falls",
@@ -247,7 +252,7 @@ def engine_figures(work: Path, dry: bool) -> list[Figure]:
     memory_unit = "GiB" if torch.cuda.is_available() else "GiB process RSS"
     figures = []
     runs = [(f"ZeRO-{stage}", stage_json(work, stage), False) for stage in (1, 2, 3)]
-    runs += [("ZeRO-3, compiled blocks", stage_json(work, 3), True), ("ZeRO-3, zero3_paper.json", "ds_configs/zero3_paper.json", False)]
+    runs += [("ZeRO-3, compiled blocks", stage_json(work, 3), True), ("ZeRO-3, zero3_2048x24.json", "ds_configs/zero3_2048x24.json", False)]
     for name, ds_config, compiled in runs:
         topk = engine_step(ds_config, True, compiled, dry)
         dense = engine_step(ds_config, False, compiled, dry)

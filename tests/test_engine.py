@@ -24,7 +24,7 @@ def tiny_cfg(*overrides):
 
 
 @pytest.mark.parametrize("name", ["cpu.json", "zero2_bf16.json", "zero3_bf16.json", "zero3_offload.json",
-                                  "zero3_paper.json", "zero3_zeropp.json"])
+                                  "zero3_1024x8.json", "zero3_2048x24.json", "zero3_2048x24_zeropp.json"])
 def test_shipped_ds_configs_pass_deepspeeds_parser(name):
     ds = resolve_ds_config(tiny_cfg(f"train.ds_config=ds_configs/{name}"), world_size=1)
     assert ds["train_batch_size"] == 8
@@ -169,3 +169,18 @@ def test_prefetch_read_errors_surface_on_the_training_thread():
 
     with Prefetcher(read, lambda: [[0]], dict) as prefetch, pytest.raises(OSError, match="shard vanished"):
         prefetch.next_step()
+
+
+def test_a_granularity_threshold_that_makes_the_whole_model_one_unit_is_refused():
+    """DeepSpeed 0.19.8 fails in backward when the whole model is one ZeRO-3 fetch unit (measured on
+    the tiny model: threshold 5300 > its granularity 5226 fails, 4200 >= a block's 4108 trains)."""
+    from topk_ds.train.engine import check_granularity
+
+    cfg = tiny_cfg("model.vocab_size=512")
+
+    def zero3(threshold):
+        return {"zero_optimization": {"stage": 3, "stage3_module_granularity_threshold": threshold}}
+    check_granularity(cfg, zero3(4200), "ds.json")
+    with pytest.raises(UserError, match=r"ds.json: stage3_module_granularity_threshold=5,300 makes the whole model one "
+                                        r"fetch unit \(its granularity is 5,226\).*from 4,108 up, each block is one unit"):
+        check_granularity(cfg, zero3(5300), "ds.json")

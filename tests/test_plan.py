@@ -287,7 +287,7 @@ def test_fetch_unit_granularity_is_deepspeeds():
 
 def test_cli_stages_side_by_side_and_ds_config(capsys):
     main(["plan", "--config", "paper-2048x24", "--gpus-per-node", "8", "--nodes", "4", "--zero", "1,2,3",
-          "--ds-config", "ds_configs/zero3_zeropp.json"])
+          "--ds-config", "ds_configs/zero3_2048x24_zeropp.json"])
     text = capsys.readouterr().out
     assert "ZeRO-1" in text and "ZeRO-2" in text and "ZeRO-3 (hpZ 8, qwZ, qgZ)" in text
     assert "global batch (micro x accum x GPUs) changes with the GPU count: 2,048 sequences here, 512 with the " \
@@ -302,8 +302,10 @@ def test_cli_stages_side_by_side_and_ds_config(capsys):
     (["--tokens", "inf"], "argument --tokens: expected a finite number, got 'inf'"),
     (["--tokens", "nan"], "argument --tokens: expected a finite number, got 'nan'"),
     (["--zero", "1,x"], "expected stages like 3 or 1,2,3"),
-    (["--ds-config", "ds_configs/zero3_zeropp.json", "--gpus-per-node", "4"],
+    (["--ds-config", "ds_configs/zero3_2048x24_zeropp.json", "--gpus-per-node", "4"],
      "zero_hpz_partition_size=8 exceeds the 4 GPUs"),
+    (["--ds-config", "ds_configs/zero3_2048x24.json", "--set", "model.vocab_size=512"],
+     "--ds-config: stage3_module_granularity_threshold=6,000,000 makes the whole model one fetch unit"),
 ])
 def test_more_bad_input_is_one_line(args, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:

@@ -185,31 +185,22 @@ def zero_knobs(ds: dict, stage: int | None = None, offload: bool = False) -> Zer
                      quantized_gradients=s3 and z.zero_quantized_gradients)
 
 
-def _tensors(model) -> list[tuple[str, int]]:
-    """(module path, elements) of every parameter tensor, from the module tree on the meta device."""
-    return [(name.rpartition(".")[0], p.numel()) for name, p in model.named_parameters()]
-
-
 def fetch_units(model, persistence_threshold: int, granularity_threshold: int) -> int:
     """All-gathers per forward (and again per backward) under ZeRO-3: one per module holding
     partitioned tensors (those of at least `persistence_threshold` elements), or one per module that
-    DeepSpeed's `stage3_module_granularity_threshold` makes a leaf: a non-container module whose
-    parameters / (modules with parameters or children below it, itself included) is at most the
-    threshold, the outermost such module winning (DeepSpeed's rule, parameter_offload.py)."""
+    DeepSpeed's `stage3_module_granularity_threshold` makes a unit (the outermost non-container
+    module whose granularity is at or below it)."""
     import torch.nn as nn
 
-    def granularity(module) -> float:
-        counted = [m for m in module.modules() if list(m.parameters(recurse=False)) or
-                   (any(m.children()) and type(m).__name__ not in nn.modules.container.__all__ and list(m.parameters()))]
-        params = sum(p.numel() for p in module.parameters())
-        return params // len(counted) if counted and params <= 1e9 else math.inf
+    with _quiet_deepspeed():
+        from .train.engine import module_granularity
 
     def units(module) -> int:
         if not list(module.parameters()):
             return 0
-        is_container = type(module).__name__ in nn.modules.container.__all__
-        if granularity_threshold and any(module.children()) and not is_container \
-                and granularity(module) <= granularity_threshold:
+        if granularity_threshold and any(module.children()) and \
+                type(module).__name__ not in nn.modules.container.__all__ and \
+                module_granularity(module) <= granularity_threshold:
             return 1
         own = any(p.numel() >= persistence_threshold for p in module.parameters(recurse=False))
         return int(own) + sum(units(child) for child in module.children())
@@ -330,7 +321,13 @@ def plan(cfg, gpus_per_node: int, nodes: int = 1, gpu: str = "h200", zero: int |
         from .model import Transformer
 
         model = Transformer(m, t)
-    partitioned = sum(n for _, n in _tensors(model) if knobs.stage < 3 or n >= knobs.persistence_threshold)
+    partitioned = sum(p.numel() for p in model.parameters() if knobs.stage < 3 or p.numel() >= knobs.persistence_threshold)
+    if knobs.stage == 3:
+        with _quiet_deepspeed():
+            from .train.engine import check_granularity
+
+        check_granularity(cfg, {"zero_optimization": {"stage": 3, "stage3_module_granularity_threshold": knobs.granularity_threshold}},
+                          "--ds-config")
     units = fetch_units(model, knobs.persistence_threshold, knobs.granularity_threshold)
     buffers = 2 * min(knobs.reduce_bucket, total)  # the 16-bit gradient bucket being reduced
     if knobs.stage == 3:

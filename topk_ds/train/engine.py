@@ -8,6 +8,7 @@ here; a JSON that sets one of them differently is an error, so there is one sour
 
 import difflib
 import json
+import math
 import os
 from collections.abc import KeysView
 from pathlib import Path
@@ -176,6 +177,34 @@ def validate_ds_config(ds: dict, path: Path) -> None:
                             + (f"; did you mean '{near[0]}'?" if near else ""))
 
 
+def module_granularity(module: torch.nn.Module) -> float:
+    """DeepSpeed's granularity of a module (runtime/zero/parameter_offload.py): its parameters //
+    the modules below it, itself included, that hold parameters or are composites holding some
+    (containers such as ModuleList excluded); infinite above 1e9 parameters. Under
+    stage3_module_granularity_threshold, the outermost modules at or below the threshold are fetched
+    as one unit."""
+    counted = [m for m in module.modules() if list(m.parameters(recurse=False)) or (
+        any(m.children()) and type(m).__name__ not in torch.nn.modules.container.__all__ and list(m.parameters()))]
+    params = sum(p.numel() for p in module.parameters())
+    return params // len(counted) if counted and params <= 1e9 else math.inf
+
+
+def check_granularity(cfg: Config, ds: dict, where: str) -> None:
+    """DeepSpeed 0.19.8 fails in backward when the granularity threshold makes the whole model one
+    fetch unit ("output with shape [1] doesn't match the broadcast shape"): refuse that up front."""
+    zero = ds.get("zero_optimization") or {}
+    threshold = zero.get("stage3_module_granularity_threshold", zero.get("module_granularity_threshold", 0))
+    if zero.get("stage") != 3 or not threshold:
+        return
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.topk)
+    whole, block = module_granularity(model), module_granularity(model.layers[0])
+    if threshold >= whole:
+        raise UserError(f"{where}: stage3_module_granularity_threshold={threshold:,} makes the whole model one fetch "
+                        f"unit (its granularity is {whole:,}), which DeepSpeed {deepspeed.__version__} cannot train; "
+                        f"choose a value below that" + (f" (from {block:,} up, each block is one unit)" if block < whole else ""))
+
+
 def param_groups(model: Transformer, weight_decay: float) -> list[dict]:
     """Weight decay on projection matrices only: never on norms or the embedding (nor a tied head)."""
     decay, no_decay = [], []
@@ -209,6 +238,7 @@ class Engine:
         self.cfg = cfg
         world = dist.get_world_size()
         self.ds_config = resolve_ds_config(cfg, world, run_dir, universal)
+        check_granularity(cfg, self.ds_config, cfg.train.ds_config)
         if run_dir is not None and cfg.train.wandb != "disabled":
             os.environ["WANDB_MODE"] = cfg.train.wandb  # the config decides, whatever the shell exported
             os.environ.setdefault("WANDB_DIR", str(run_dir))
