@@ -182,7 +182,10 @@ def _read_yaml(path: Path) -> dict:
         raise UserError(f"config {path} is not a YAML text file (byte 0x{e.object[e.start]:02x} at {e.start} is not "
                         f"UTF-8)") from None
     except yaml.YAMLError as e:
-        raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"config {path} is not valid YAML: {getattr(e, 'problem', None) or str(e).splitlines()[0]}"
+                        f"{where}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
