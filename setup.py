@@ -23,6 +23,8 @@ setup(
         "matplotlib>=3.8",
         "wandb>=0.19",
         "tensorboard>=2.15",
+        "eai-sparsify==1.3.3",  # the post-hoc SAEs the TopK LM is compared with (topk_ds/sae/library.py)
+        "scipy>=1.11",  # the Hungarian matching of units across checkpoints and seeds
     ],
     extras_require={
         "mpi": ["openmpi", "mpi4py>=4"],

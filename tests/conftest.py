@@ -103,6 +103,49 @@ def tiny_hf(tiny_run):
     return tiny_run / "hf" / f"global_step{RUN_STEPS}"
 
 
+# The concept-forming pair: the demo preset's TopK model (D=128, k=16) and its dense twin, each trained on one
+# rank for 400 steps of 16 x 128 tokens at a constant learning rate after warmup (long enough for topic neurons
+# to form; the tiny run's 300 x 8 x 64 tokens are not), with checkpoints at steps 200 and 400, converted.
+CONCEPT_STEPS, STATS_TOKENS = 400, 64_000  # statistics over whole windows of 64
+
+
+def train_concept_model(data, root, config):
+    train_tiny(data, root / "run", f"train.steps={CONCEPT_STEPS}", "train.micro_batch=16", "train.min_lr_ratio=1.0",
+               f"train.save_every={CONCEPT_STEPS // 2}", "train.eval_every=0", config=config)
+    run_cli("convert", root / "run", root / "hf")
+    return root / "hf"
+
+
+@pytest.fixture(scope="session")
+def concept_model(synthetic_data, tmp_path_factory):
+    """The TopK model, with statistics. Returns (converted model, statistics); its run is beside them."""
+    root = tmp_path_factory.mktemp("concept")
+    hf = train_concept_model(synthetic_data[1], root, "demo")
+    run_cli("analyze", "stats", hf, "--data", synthetic_data[1], "--tokens", STATS_TOKENS, "--seq-len", 128,
+            "--out", root / "stats")
+    return hf, root / "stats"
+
+
+@pytest.fixture(scope="session")
+def concept_dense(synthetic_data, tmp_path_factory):
+    """The TopK model's dense twin (`config="demo-dense"`). Returns the converted model; its run is beside it."""
+    return train_concept_model(synthetic_data[1], tmp_path_factory.mktemp("concept-dense"), "demo-dense")
+
+
+def hooked_outputs(modules, layers, width: int, run) -> dict:
+    """{l: (N, width) every output of modules[l] while run() runs}, recorded by plain forward hooks."""
+    outputs = {l: [] for l in layers}
+    handles = [modules[l].register_forward_hook(lambda m, a, out, l=l: outputs[l].append(out.reshape(-1, width)))
+               for l in layers]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return {l: torch.cat(outs) for l, outs in outputs.items()}
+
+
 def assert_converts_with_parity(tag, out):
     """`topk-ds convert` of one DeepSpeed tag; the converted model's logits equal the training model
     class's (Transformer) with the checkpoint's fp32 weights as DeepSpeed consolidates them."""

@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RUN_SAVE_EVERY, RUN_STEPS, run_cli, train_tiny
+from conftest import RUN_SAVE_EVERY, RUN_STEPS, STATS_TOKENS, hooked_outputs, run_cli
 from test_eval import assert_clean_failure
-
-STATS_TOKENS = 64_000  # whole windows of 64
 
 
 # --- entropies against a naive reference -----------------------------------------------------------
@@ -195,38 +193,16 @@ def test_collect_equals_a_dense_reference_on_the_model(tiny_hf, synthetic_data):
     stats = collect(Neurons(model), tok, batches, 8192, layers=[0, 1, 2], progress=False)
     assert [r["accumulation"] for r in stats.meta["layers"]] == ["sparse", "sparse", "dense"]
 
-    outputs = {l: [] for l in (0, 1, 2)}
-    sites = model.model.sites()
-    handles = [sites[l].register_forward_hook(lambda m, a, out, l=l: outputs[l].append(out.reshape(-1, 64)))
-               for l in outputs]
-    with torch.no_grad():
-        for b in batches:
-            model.model(b)
-    for h in handles:
-        h.remove()
+    outputs = hooked_outputs(model.model.sites(), (0, 1, 2), 64, lambda: [model.model(b) for b in batches])
     tokens = torch.cat([b.reshape(-1) for b in batches])
-    for l, outs in outputs.items():
-        acts = torch.cat(outs).clamp(min=0)
+    for l, out in outputs.items():
+        acts = out.clamp(min=0)
         torch.testing.assert_close(stats.layers[l].sums, torch.zeros(stats.meta["vocab_size"], 64).index_add_(0, tokens, acts))
         assert torch.equal(stats.layers[l].fires, (acts > 0).sum(0))
         torch.testing.assert_close(stats.layers[l].top_values, acts.topk(20, dim=0).values.T)
 
 
 # --- ground truth on the synthetic corpus -----------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def concept_model(synthetic_data, tmp_path_factory):
-    """The demo preset's TopK model (D=128, k=16) trained on one rank for 400 steps of 16 x 128 tokens at
-    a constant learning rate after warmup, converted, with statistics: long enough for topic neurons
-    to form (the tiny run's 300 x 8 x 64 tokens are not). Returns (converted model, statistics)."""
-    root = tmp_path_factory.mktemp("concept")
-    train_tiny(synthetic_data[1], root / "run", "train.steps=400", "train.micro_batch=16", "train.min_lr_ratio=1.0",
-               "train.save_every=400", "train.eval_every=0", config="demo")
-    run_cli("convert", root / "run", root / "hf")
-    run_cli("analyze", "stats", root / "hf", "--data", synthetic_data[1], "--tokens", STATS_TOKENS, "--seq-len", 128,
-            "--out", root / "stats")
-    return root / "hf", root / "stats"
-
 
 def layer_rows(stats_dir, layers=(0, 1)):
     """LayerReport rows of every neuron of the given layers, labelled with the planted topics."""

@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..progress import progress as progress_of
 from ..io import atomic_output
 from .concepts import Concepts
-from .report import LayerReport
+from .report import LayerReport, kind_label
 from .stats import Stats
 
 STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:75em}table{border-collapse:collapse}
@@ -90,7 +90,7 @@ def _neuron_page(r: dict, steering: list[dict]) -> str:
     if "topic" in r:
         facts.append(("topic", f"{r['topic'] or 'none'} (precision {r['precision']:.2f}, recall {r['recall']:.2f})"))
     body = [f"<p><a href=\"../layer{r['layer']}.html\">layer {r['layer']}</a> · <a href=\"../index.html\">index</a></p>",
-            f"<h1>neuron {escape(r['neuron'])}</h1><table>",
+            f"<h1>{escape(r['unit'])} {escape(r['neuron'])}</h1><table>",
             *(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in facts), "</table>",
             "<h2>top tokens</h2><table><tr><th>token</th><th>mean activation</th><th>count</th></tr>",
             *(f"<tr><td class=\"ctx\">{escape(repr(t['token']))}</td><td class=\"num\">{t['mean']:.3f}</td>"
@@ -105,7 +105,7 @@ def _neuron_page(r: dict, steering: list[dict]) -> str:
             body.append(f"<h3>offset {row['offset']:+g}{' (unsteered)' if not row['offset'] else ''}{share}</h3><ol>")
             body += [f"<li class=\"ctx\">{escape(t)}</li>" for t in row["texts"]]
             body.append("</ol>")
-    return _page(f"neuron {r['neuron']}", "".join(body))
+    return _page(f"{r['unit']} {r['neuron']}", "".join(body))
 
 
 def build_site(stats_dir, out, concepts: Concepts | None = None, contexts: int = 10, progress: bool = True) -> int:
@@ -125,18 +125,19 @@ def build_site(stats_dir, out, concepts: Concepts | None = None, contexts: int =
                 report = view.neuron(r["index"], contexts)
                 (tmp / "neurons" / f"{l}_{r['index']}.html").write_text(_neuron_page(report, steering.get(r["neuron"], [])))
             pages += len(rows)
-            title = f"layer {l} ({'TopK k=' + str(view.row['k']) if view.row['kind'] == 'topk' else 'dense'})"
+            title = f"layer {l} ({kind_label(view.row)})"
             body = (f"<p><a href=\"index.html\">index</a></p><h1>{escape(title)}</h1>"
-                    f"<p>{len(rows)} neurons; click a column header to sort.</p>"
+                    f"<p>{len(rows)} {meta.get('units', 'neuron')}s; click a column header to sort.</p>"
                     + _table(rows, columns, lambda r: f"neurons/{r['layer']}_{r['index']}.html"))
             (tmp / f"layer{l}.html").write_text(_page(title, body, SORT))
             layer_rows.append(view.row | {"index": l, "neuron": f"layer {l}"})
         summary = [("layer", "index", "{}"), ("kind", "kind", "{}"), ("L0", "l0", "{:.2f}"), ("dead", "dead", "{}"),
                    ("token entropy", "token_entropy_mean", "{:.2f}"), ("semantic entropy", "semantic_entropy_mean", "{:.2f}")]
         fp = meta["fingerprint"]
-        body = (f"<h1>TopK LM neurons</h1><p>model weights {escape(fp['weights'])} (step {fp.get('train_step')}, "
+        title = meta.get("description") or "TopK LM neurons"
+        body = (f"<h1>{escape(title)}</h1><p>model weights {escape(fp['weights'])} (step {fp.get('train_step')}, "
                 f"alpha {fp['alpha']:g}); {meta['tokens']:,} tokens of {escape(str(meta.get('data')))}; "
                 f"activations: {escape(meta['activation'])}.</p>"
                 + _table(layer_rows, summary, lambda r: f"layer{r['index']}.html"))
-        (tmp / "index.html").write_text(_page("TopK LM neurons", body, SORT))
+        (tmp / "index.html").write_text(_page(title, body, SORT))
     return pages

@@ -46,25 +46,26 @@ def _checkpoints(run_dir, progress: bool):
 
 
 def trace_neuron(run_dir, index: int, word: str, data=None, tokens: int = TRACE_TOKENS, seq_len=None,
-                 batch: int = 16, progress: bool = True) -> dict:
-    """{steps, word, token_id, index, mean[layer][checkpoint] (abar of `word`), overall[layer][checkpoint]
-    (mean over all tokens), count}: activations as in the statistics (positive part)."""
+                 batch: int = 16, progress: bool = True, units_of=Neurons) -> dict:
+    """{steps, word, token_id, index, layers, mean[layer][checkpoint] (abar of `word`), overall[layer][checkpoint]
+    (mean over all tokens), count}: activations as in the statistics (positive part), of the units
+    `units_of(model)` gives in every checkpoint (default: its neurons)."""
     data, seq_len = run_data(run_dir, data, seq_len)
     steps, mean, overall, count, tid = [], [], [], 0, None
     for step, model, tokenizer in _checkpoints(run_dir, progress):
         if tokenizer is None:
             raise UserError(f"{run_dir}: no tokenizer found for the run (its data.path/tokenizer)")
         tid = token_id(tokenizer, word) if tid is None else tid
-        units = Neurons(model)
+        units = units_of(model)
         units.check(None, index)
-        n = model.model.cfg.n_layers
-        on_word, everywhere = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        row = {l: j for j, l in enumerate(units.layers)}
+        on_word, everywhere = (torch.zeros(len(row), dtype=torch.float64) for _ in range(2))
         current = {}
 
         def record(l, acts):
             a = acts[..., index].clamp(min=0).double()
-            on_word[l] += a[current["mask"]].sum()
-            everywhere[l] += a.sum()
+            on_word[row[l]] += a[current["mask"]].sum()
+            everywhere[row[l]] += a.sum()
 
         seen, count = 0, 0
         with torch.inference_mode(), units.record(units.layers, record):
@@ -78,17 +79,17 @@ def trace_neuron(run_dir, index: int, word: str, data=None, tokens: int = TRACE_
         steps.append(step)
         mean.append((on_word / count).tolist())
         overall.append((everywhere / seen).tolist())
-    return {"word": word, "token_id": tid, "index": index, "steps": steps, "count": count, "tokens": seen,
-            "data": str(data), "mean": [list(r) for r in zip(*mean)], "overall": [list(r) for r in zip(*overall)]}
+    return {"word": word, "token_id": tid, "index": index, "units": units.name, "layers": units.layers, "steps": steps,
+            "count": count, "tokens": seen, "data": str(data), "mean": [list(r) for r in zip(*mean)], "overall": [list(r) for r in zip(*overall)]}
 
 
 def trace_entropy(run_dir, data=None, tokens: int = TRACE_TOKENS, seq_len=None, batch: int = 16,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, units_of=Neurons) -> dict:
     """{steps, layers: [{layer, kind, token: [per checkpoint {mean, std, p5, p95}], semantic: [...]}]}."""
     data, seq_len = run_data(run_dir, data, seq_len)
     steps, layers = [], None
     for step, model, tokenizer in _checkpoints(run_dir, progress):
-        stats = collect(Neurons(model), tokenizer, token_batches(data, tokenizer, model.model.cfg.vocab_size, seq_len, tokens, batch),
+        stats = collect(units_of(model), tokenizer, token_batches(data, tokenizer, model.model.cfg.vocab_size, seq_len, tokens, batch),
                         tokens, top=0, progress=False)
         compute_entropy(stats, progress=False)
         if layers is None:
