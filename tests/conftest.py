@@ -165,3 +165,40 @@ def assert_converts_with_parity(tag, out):
     with torch.no_grad():
         expected, got = reference(ids), converted(ids).logits
     assert got.dtype == torch.float32 and (got - expected).abs().max().item() <= 1e-5
+
+
+def cli_main(capsys, *args) -> tuple[int, str, str]:
+    """`topk-ds ARGS` in this process (no interpreter start-up, for tests of what a command says):
+    (exit status, stdout, stderr). Use run_cli where a real process matters (signals, limits, launchers)."""
+    from topk_ds.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error(result, *words) -> str:
+    """A failed command (from cli_main or run_cli): exit != 0, no traceback, exactly one error line on stderr,
+    ours, naming every word (progress lines may come before it). Returns that line."""
+    code, out, err = (result.returncode, result.stdout, result.stderr) if hasattr(result, "returncode") else result
+    assert code not in (0, None), out
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in err and len(errors) == 1 and errors[0].startswith("topk-ds"), err
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="session")
+def stats_dir(tiny_hf, synthetic_data, tmp_path_factory):
+    """`topk-ds analyze stats` of the tiny run's converted model over its training data."""
+    out = tmp_path_factory.mktemp("stats") / "tiny"
+    proc = run_cli("analyze", "stats", tiny_hf, "--data", synthetic_data[1], "--tokens", STATS_TOKENS, "--seq-len", 64,
+                   "--out", out)
+    assert f"over {STATS_TOKENS:,} tokens" in proc.stdout
+    return out

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..arguments import positive
 from ..errors import UserError
-from .settings import BINS, PERCENTILE, PROMPT, THRESHOLD_RATIO, TOP, TRACE_TOKENS
+from ..io import check_output
+from .settings import BINS, EXPORT_FORMATS, PERCENTILE, PROMPT, THRESHOLD_RATIO, TOP, TRACE_TOKENS
 
 STATS_HELP = """\
 Run MODEL (a converted directory, a run directory or a checkpoint tag) over --tokens tokens of
@@ -17,7 +18,11 @@ streaming pass, then compute token and semantic entropy (the paper's eq. 4-11, s
   OUT/stats.json           model fingerprint (config, alpha, step, weight hash), data, settings,
                            per-layer summary: L0, dead neurons, mean/std of both entropies
   OUT/tensors.safetensors  counts (V,), embedding (V, E); per layer: sums (V, D) [abar = sums /
-                           counts], fires (D,), top_values (D, M), top_contexts (D, M, C),
+                           counts], fires (D,), histogram (D, 64) [non-zero activations in
+                           log-spaced bins, 1e-4..1e4], top_values (D, M), top_contexts (D, M, C)
+                           and top_acts (D, M, C) [the neuron's activation at each context token],
+                           promoted / suppressed (+ _ids) (D, 10) [direct logit effect: its
+                           direction through the final norm's gain and the unembedding],
                            token_entropy, semantic_entropy (NaN when |S| < 2), selected (|S|), theta
   OUT/vocab.json           the token strings
 
@@ -25,9 +30,25 @@ Activations are the positive part of each layer's output hidden state (dense lay
 per position). TopK layers at alpha = 0 are accumulated on their k selected entries only.
 
 Memory (besides the model and one batch): 4*V*D bytes per analysed layer for the per-token sums,
-D*M*(4 + 4*C) per layer for the top contexts (C = 21 tokens), 4*V*E once for the embedding, and
-for semantic entropy a V'*V' byte table of cosine bins (V' = token ids seen). For V=32000, D=1024:
-131 MB per layer, and 1 GB for the table. Use --layers to analyse fewer layers."""
+D*M*(4 + 8*C) per layer for the top contexts (C = 21 tokens), 520*D for the histograms, 4*V*E
+once for the embedding, and for semantic entropy a V'*V' byte table of cosine bins (V' = token ids
+seen). For V=32000, D=1024: 135 MB per layer, and 1 GB for the table. Use --layers to analyse
+fewer layers."""
+
+
+EXPORT_HELP = """\
+Write saved statistics (`topk-ds analyze stats`) in the format of another tool; nothing is recomputed.
+
+  neuronpedia  Neuronpedia's import layout: OUT/MODEL_ID/LAYER-SOURCE_SET/{model,release,sourceset,
+               source}.jsonl, features/batch-N.jsonl.gz and activations/batch-N.jsonl.gz (the records
+               Neuronpedia's export and SAEDashboard's exporter write), for neurons and SAE latents
+  sparsify     every TopK layer as an EleutherAI sparsify SparseCoder (identity encoder and decoder,
+               the layer's k): OUT/layers.L.act/{cfg.json,sae.safetensors}; opens with
+               sparsify.SparseCoder.load_many(OUT, local=True)
+  saelens      the same as SAELens TopK SAEs: OUT/layers.L.act/{cfg.json,sae_weights.safetensors};
+               opens with sae_lens.SAE.load_from_disk(OUT/layers.L.act)
+
+The SAE formats need the model: the one whose path stats.json recorded, or --model."""
 
 
 def check_settings(a) -> None:
@@ -144,7 +165,7 @@ def _stats(a):
     concepts = Concepts.load(a.concepts) if a.concepts else Concepts.beside(a.data)
     model, tokenizer = load(a.model, tag=a.tag)
     stats = _collect(_units(model, a), tokenizer, a, a.layers)
-    stats.meta |= {"model": str(a.model), "data": str(a.data), "split": a.split,
+    stats.meta |= {"model": str(Path(a.model).resolve()), "tag": a.tag, "data": str(a.data), "split": a.split,
                    "concepts": str(concepts.path.resolve()) if concepts else None}
     stats.save(out)
     short = "" if stats.tokens >= a.tokens else f" (all the data holds; {a.tokens:,} asked)"
@@ -158,6 +179,8 @@ def _entropy(a):
     if a.names and len(a.names) != len(a.stats):
         raise UserError(f"--names gives {len(a.names)} names for {len(a.stats)} statistics directories")
     check_settings(a)
+    if a.compare:
+        check_output(a.compare, "analyze entropy --compare", kind="file")
     models = []
     for j, path in enumerate(a.stats):
         stats = Stats.load(path)
@@ -188,6 +211,8 @@ def _neuron(a):
     from .stats import Stats
 
     layer, index = parse_neuron(a.neuron)
+    if a.json:
+        check_output(a.json, "analyze neuron --json", kind="file")
     if a.data:
         check_settings(a)
     if _is_stats(a.model):
@@ -220,7 +245,7 @@ def _trace(a):
     from .plots import entropy_over_training, neuron_heatmap
     from .trace import trace_entropy, trace_neuron
 
-    out = Path(a.out) if a.out else Path(a.run_dir) / "analysis"
+    out = check_output(Path(a.out) if a.out else Path(a.run_dir) / "analysis", "analyze trace")
     if a.entropy == bool(a.neuron):
         raise UserError("give either --neuron L:I --token WORD (Figure 5) or --entropy (Figure 4)")
     if a.neuron and not a.token:
@@ -258,6 +283,17 @@ def _browse(a):
     print(f"wrote a {unit} browser ({pages} {unit} pages) to {a.out}/index.html (opens from file://, no network)")
 
 
+def _export(a):
+    from ..io import check_replaceable
+    from .export import MARKER, export
+
+    check_replaceable(Path(a.out), MARKER, "analyze export")
+    names = {"model_id": a.model_id, "source_set": a.source_set, "release": a.release, "creator": a.creator}
+    written = export(a.stats, a.format, a.out, a.model, a.layers, names)
+    print(f"wrote {len(written)} {'sources' if a.format == 'neuronpedia' else 'SAEs'} in {a.format} format to {a.out} "
+          f"({', '.join(written)})")
+
+
 def _steer(a):
     from ..convert.hf_export import load
     from ..io import write_json
@@ -266,8 +302,14 @@ def _steer(a):
     from .steer import format_table, steer
 
     layer, index = parse_neuron(a.neuron)
-    if a.samples < 1 or a.max_new_tokens < 1:
+    if a.greedy and a.samples not in (None, 1):
+        raise UserError(f"--greedy decodes one text per offset; drop --samples {a.samples}")
+    samples = a.samples or (1 if a.greedy else 5)
+    if samples < 1 or a.max_new_tokens < 1:
         raise UserError("--samples and --max-new-tokens must be >= 1")
+    out = Path(a.out) if a.out else (Path(a.stats) / "steering" / f"{layer}_{index}.json" if a.stats
+                                     else Path(f"steer_{layer}_{index}.json"))
+    check_output(out, "steer", kind="file")
     model, tokenizer = load(a.model, tag=a.tag)
     units = _units(model, a)
     units.check(layer, index)
@@ -283,13 +325,12 @@ def _steer(a):
         if stats is None:
             raise UserError("to score topic words, name the neuron's topic with --topic or pass --stats DIR to label it")
         topic = LayerReport(stats, layer, concepts).summary(index)["topic"]
-    result = steer(units, tokenizer, layer, index, a.offset, a.prompt, a.samples, a.seed, a.max_new_tokens, concepts, topic)
+    result = steer(units, tokenizer, layer, index, a.offset, a.prompt, samples, a.seed, a.max_new_tokens, concepts, topic,
+                   a.greedy)
     print(format_table(result))
-    out = Path(a.out) if a.out else (Path(a.stats) / "steering" / f"{layer}_{index}.json" if a.stats
-                                     else Path(f"steer_{layer}_{index}.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
-    print(f"wrote {len(result['offsets'])} x {a.samples} samples of {units.name} {a.neuron} to {out}")
+    print(f"wrote {len(result['offsets'])} x {samples} samples of {units.name} {a.neuron} to {out}")
 
 
 COMPARE_HELP = """\
@@ -475,6 +516,20 @@ def add_commands(commands) -> None:
     p.add_argument("--force", action="store_true", help="replace a comparison already in --out")
     p.set_defaults(run=_compare)
 
+    p = sub.add_parser("export", help="saved statistics as Neuronpedia's import layout, or TopK layers as SAEs of "
+                       "sparsify / SAELens", description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stats", metavar="STATS_DIR")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    p.add_argument("--out", required=True, help="directory to write (replaced as a whole)")
+    p.add_argument("--layers", type=int, nargs="+", help="layers to export (default: every analysed layer)")
+    p.add_argument("--model", help="sparsify/saelens: the model the statistics came from (default: the one recorded "
+                   "in STATS_DIR/stats.json; checked against the statistics' fingerprint)")
+    p.add_argument("--model-id", help="neuronpedia: the model's id (default topk-llama-DIMxLAYERS-kK)")
+    p.add_argument("--source-set", help="neuronpedia: the source set (default topk-res-WIDTH, sae-res-WIDTH for latents)")
+    p.add_argument("--release", help="neuronpedia: the release name (default topk-ds)")
+    p.add_argument("--creator", help="neuronpedia: the creator's name (default topk_ds)")
+    p.set_defaults(run=_export)
+
     p = commands.add_parser("steer", help="generate with one neuron's pre-activation offset (concept steering)",
                             description="Add each --offset to neuron L:I's pre-activation at every position (prompt and "
                             "every generated token, KV cache on) and sample with the paper's settings (temperature 0.7, "
@@ -484,8 +539,10 @@ def add_commands(commands) -> None:
     p.add_argument("--neuron", required=True, metavar="L:I")
     p.add_argument("--offset", type=float, action="append", required=True, help="offset C (repeatable)")
     p.add_argument("--prompt", default=PROMPT, help=f"prompt (default {PROMPT!r})")
-    p.add_argument("--samples", type=int, default=5, help="samples per offset (default 5)")
+    p.add_argument("--samples", type=int, default=None, help="samples per offset (default 5; 1 with --greedy)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every offset (default 0)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling (one text "
+                   "per offset, the same on any machine)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--stats", help="statistics of MODEL: label the neuron, and save the samples in STATS/steering/ for browse")
     p.add_argument("--concepts", help="concepts.json (default: the one the statistics recorded)")

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..io import atomic_output
+from ..io import atomic_output, check_replaceable
 from .checkpoints import Source, alpha_for, is_hf_dir, locate, read_weights, run_config
 
 # The paper's sampling settings (Section 4).
@@ -59,12 +59,14 @@ def tokenizer_source(cfg, override: str | None) -> Path:
 def convert(ckpt: Path, out: Path | None = None, *, tag: str | None = None, dtype: str = "fp32",
             force: bool = False, tokenizer: str | None = None, config: str | None = None) -> Path:
     from transformers import GenerationConfig
+    from transformers.utils import logging as transformers_logging
 
     source = locate(ckpt, tag, config)
     if source.kind == "hf":
         raise UserError(f"{ckpt} is already a converted model directory")
     out = Path(out) if out else source.path.parent.parent / "hf" / source.path.name if source.kind == "deepspeed" \
         else source.path.with_suffix("")
+    check_replaceable(out, "config.json", "convert")  # --force replaces a model directory, nothing else
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
     model, cfg = build_hf_model(source)
@@ -74,6 +76,7 @@ def convert(ckpt: Path, out: Path | None = None, *, tag: str | None = None, dtyp
     model.generation_config = GenerationConfig(bos_token_id=model.config.bos_token_id,
                                                eos_token_id=model.config.eos_token_id, **GENERATION_DEFAULTS)
     out.parent.mkdir(parents=True, exist_ok=True)
+    transformers_logging.disable_progress_bar()  # a bar for writing one file
     with atomic_output(out) as tmp:
         model.config.register_for_auto_class()
         model.register_for_auto_class("AutoModelForCausalLM")

@@ -2,14 +2,12 @@
 planted, so analysis can be checked against them."""
 
 import json
-import os
 import random
 from pathlib import Path
 
-
 from ..errors import UserError
+from ..io import atomic_output, check_new_dir, write_json
 from ..progress import progress as progress_of
-from ..io import write_json
 from .grammar import concept_words, document, function_words
 
 DEFAULT_DOCS = 3600  # about 4.5 MB of text
@@ -21,18 +19,21 @@ def doc_rng(seed: int, index: int, stream: str = "train") -> random.Random:
 
 
 def write_synthetic_corpus(out: Path, docs: int = DEFAULT_DOCS, seed: int = 0, progress: bool = True) -> Path:
-    """Write out/corpus.jsonl (text, topics) and out/concepts.json. Same seed, same bytes."""
+    """Write the new directory `out`: corpus.jsonl (text, topics) and concepts.json, in one rename.
+    Same seed, same bytes."""
     if docs < 1:
         raise UserError(f"--docs must be >= 1, got {docs}")
-    out.mkdir(parents=True, exist_ok=True)
-    path, tmp = out / "corpus.jsonl", out / "corpus.jsonl.tmp"
-    with open(tmp, "w") as f:
-        for i in progress_of(range(docs), desc="synthetic corpus", unit="doc", enabled=progress):
-            f.write(json.dumps(document(doc_rng(seed, i))) + "\n")
-    os.replace(tmp, path)
-    write_json(out / "concepts.json", {"topics": concept_words(), "function_words": function_words(),
-                                       "seed": seed, "docs": docs})
-    return path
+    out = check_new_dir(out, "corpus synth")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(out) as tmp:
+        tmp.mkdir()
+        with open(tmp / "corpus.jsonl", "w") as f, \
+                progress_of(range(docs), desc="synthetic corpus", unit="doc", enabled=progress) as bar:
+            for i in bar:
+                f.write(json.dumps(document(doc_rng(seed, i))) + "\n")
+        write_json(tmp / "concepts.json", {"topics": concept_words(), "function_words": function_words(),
+                                           "seed": seed, "docs": docs})
+    return out / "corpus.jsonl"
 
 
 def load_concepts(path: Path) -> dict[str, set[str]]:

@@ -2,6 +2,7 @@ import argparse
 from pathlib import Path
 
 from ..arguments import positive
+from ..io import check_output
 
 from .suites import LOCAL_DIR, LOCAL_SEED, SUITES
 
@@ -9,6 +10,8 @@ from .suites import LOCAL_DIR, LOCAL_SEED, SUITES
 def _eval(a):
     from .run import evaluate
 
+    if a.out:
+        check_output(a.out, "eval")
     evaluate(a.models, a.suite, tasks=a.tasks, out=a.out, batch_size=a.batch_size, limit=a.limit,
              max_length=a.max_length, val_data=a.val_data)
 
