@@ -34,14 +34,14 @@ def fails(capsys, *args) -> str:
 def test_nnsight_reads_a_topk_site_and_steers_like_topk_ds_steer(tiny_hf, tmp_path):
     """LanguageModel opens the exported directory as it is; layers[l].act is the TopK site (input: the
     pre-activation, output: the k-sparse code). An offset written into one neuron's pre-activation at every
-    forward pass generates, greedily, the same text as `topk-ds steer --greedy` with that offset.
+    forward pass generates, greedily, the same tokens as `topk-ds steer --greedy` with that offset.
     (dispatch=True: nnsight 0.8.1's lazy load cannot find the tokenizer of any model under transformers 5.24.)"""
     from nnsight import LanguageModel
 
     from topk_ds.model.topk import topk_activation
 
     model = LanguageModel(str(tiny_hf), trust_remote_code=True, dispatch=True)
-    k, (layer, index), offset, new = model.config.topk_k, (0, 3), 20.0, 8
+    k, (layer, index), new = model.config.topk_k, (0, 3), 12
     with model.trace(PROMPT):
         pre = model.model.layers[layer].act.input.save()
         out = model.model.layers[layer].act.output.save()
@@ -49,20 +49,26 @@ def test_nnsight_reads_a_topk_site_and_steers_like_topk_ds_steer(tiny_hf, tmp_pa
     assert ((out != 0).sum(-1) <= k).all()
     assert torch.equal(out, topk_activation(pre, k))
 
-    cli("steer", tiny_hf, "--neuron", f"{layer}:{index}", "--offset", offset, "--greedy", "--max-new-tokens", new,
-        "--out", tmp_path / "steer.json")
-    texts = {row["offset"]: row["texts"] for row in json.loads((tmp_path / "steer.json").read_text())["offsets"]}
+    peak = float(pre[..., index].detach().abs().max())
+    offsets = [round(2 * peak, 3), round(8 * peak + 8, 3)]  # near the neuron's scale, and far above every other entry
+    cli("steer", tiny_hf, "--neuron", f"{layer}:{index}", *[a for c in offsets for a in ("--offset", c)], "--greedy",
+        "--max-new-tokens", new, "--out", tmp_path / "steer.json")
+    rows = {row["offset"]: row for row in json.loads((tmp_path / "steer.json").read_text())["offsets"]}
     prompt_len = len(model.tokenizer(PROMPT).input_ids)
-    for c in (0.0, offset):
-        codes = []
-        with model.generate(PROMPT, max_new_tokens=new, do_sample=False) as tracer:
-            for _ in tracer.iter[:new]:  # the prompt's forward pass, then one per generated token
-                model.model.layers[layer].act.input[..., index] += c
-                codes.append(model.model.layers[layer].act.output.save())
-            ids = tracer.result.save()
-        assert [model.tokenizer.decode(ids[0, prompt_len:], skip_special_tokens=True)] == texts[c]
-        if c:  # the offset reached every position of every pass: neuron 0:3 is always among the k kept
-            assert len(codes) == new and all((code[..., index] > 0).all() for code in codes)
+    for c in [0.0, *offsets]:
+        with model.generate(max_new_tokens=new, do_sample=False) as tracer:
+            codes = list().save()
+            with tracer.invoke(PROMPT):
+                for _ in tracer.all():  # the prompt's forward pass, then one per generated token
+                    model.model.layers[layer].act.input[..., index] += c
+                    codes.append(model.model.layers[layer].act.output[..., index])
+            with tracer.invoke():  # after the loop: a loop over every step ends where the generation ends
+                ids = tracer.result.save()
+        assert [ids[0, prompt_len:].tolist()] == rows[c]["ids"], c
+        assert [model.tokenizer.decode(ids[0, prompt_len:], skip_special_tokens=True)] == rows[c]["texts"]
+        if c == offsets[-1]:  # the edit reached every position of every pass: the neuron always among the k kept
+            assert len(codes) >= 2 and all((code > 0).all() for code in codes)
+    assert len({tuple(rows[c]["ids"][0]) for c in rows}) > 1  # steering changed the generation
 
 
 # --- statistics the exports and the browser read -----------------------------------------------------------

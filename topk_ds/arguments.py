@@ -3,6 +3,7 @@ the top-level `topk_ds.cli` imports the areas, and nothing imports it back."""
 
 import argparse
 import math
+import re
 
 
 class Parser(argparse.ArgumentParser):
@@ -10,8 +11,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def count(text: str) -> int:
-    """A whole-number argument that may be written 20e9 or 1_000_000; >= 0."""
+def _whole(text: str, least: int) -> int:
+    """A whole number >= least, which may be written 20e9 or 1_000_000."""
     text = text.replace("_", "")
     try:
         value = int(text)
@@ -23,17 +24,19 @@ def count(text: str) -> int:
         if not value.is_integer():  # also refuses inf and nan
             raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'")
         value = int(value)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
     return value
+
+
+def count(text: str) -> int:
+    """A whole-number argument >= 0 (20e9 style accepted)."""
+    return _whole(text, 0)
 
 
 def positive(text: str) -> int:
     """A whole-number argument >= 1 (20e9 style accepted)."""
-    value = count(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return _whole(text, 1)
 
 
 def number(text: str) -> float:
@@ -61,3 +64,20 @@ def config_args(p: argparse.ArgumentParser) -> None:
                    "NAME-dense) or a YAML file; a YAML may start from a preset with `preset: NAME`")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set model.dim=2048 (repeatable; applied last)")
+
+
+def device_name(text: str) -> str:
+    """--device: auto, cpu, cuda or cuda:N (whether it exists here is checked by topk_ds.devices.resolve)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got '{text}'")
+    return text
+
+
+def device_args(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype of every command that runs a model (resolved by topk_ds.devices.resolve)."""
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="where the model runs: auto (the first GPU if there is one, else cpu; under a launcher the "
+                        "GPU of LOCAL_RANK), cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                   help="precision of the forward pass (default: bf16 on a GPU, fp32 on the CPU); statistics "
+                        "are accumulated in fp32/fp64 either way")

@@ -1,11 +1,12 @@
-"""`topk-ds analyze stats|entropy|neuron|trace|browse` and `topk-ds steer`; handlers import lazily."""
+"""`topk-ds analyze stats|entropy|neuron|trace|browse|export` and `topk-ds steer`; handlers import lazily."""
 
 import argparse
+import dataclasses
 import functools
 import sys
 from pathlib import Path
 
-from ..arguments import positive
+from ..arguments import count, device_args, number, positive
 from ..errors import UserError
 from ..io import check_output
 from .settings import BINS, EXPORT_FORMATS, PERCENTILE, PROMPT, THRESHOLD_RATIO, TOP, TRACE_TOKENS
@@ -29,11 +30,17 @@ streaming pass, then compute token and semantic entropy (the paper's eq. 4-11, s
 Activations are the positive part of each layer's output hidden state (dense layers clamped at 0
 per position). TopK layers at alpha = 0 are accumulated on their k selected entries only.
 
-Memory (besides the model and one batch): 4*V*D bytes per analysed layer for the per-token sums,
-D*M*(4 + 8*C) per layer for the top contexts (C = 21 tokens), 520*D for the histograms, 4*V*E
-once for the embedding, and for semantic entropy a V'*V' byte table of cosine bins (V' = token ids
-seen). For V=32000, D=1024: 135 MB per layer, and 1 GB for the table. Use --layers to analyse
-fewer layers."""
+Memory, stated before the model is loaded (and refused, naming the need and what is available, when it
+does not fit): on the model's device the weights, 4*V*D bytes per analysed layer for the per-token sums,
+D*M*(4 + 8*C) per layer for the top contexts with their activations (C = 21 tokens), 520*D for the
+histograms, and one batch's activations; in host memory the accumulators again (they are saved from
+there), 4*V*E for the embedding and, for semantic entropy, a V'*V' byte table of cosine bins (V' = token
+ids seen). For V=32000, D=2048: 270 MB per layer (6.5 GB for 24 layers), and 1 GB for the table. Use
+--layers to analyse fewer layers.
+
+On G processes: `deepspeed --num_gpus G --module topk_ds.analysis stats ...` (or torchrun --nproc-per-node
+G -m topk_ds.analysis, mpirun, srun) splits the batches among them and writes what one process would."""
+
 
 
 EXPORT_HELP = """\
@@ -59,8 +66,6 @@ def check_settings(a) -> None:
         raise UserError(f"--threshold {a.threshold:g} must be > 0 (theta = THRESHOLD x percentile)")
     if not 1 <= a.bins <= 255:
         raise UserError(f"--bins {a.bins} must be in [1, 255]")
-    if getattr(a, "top_contexts", 0) < 0:
-        raise UserError(f"--top-contexts {a.top_contexts} must be >= 0")
 
 
 def parse_neuron(text: str) -> tuple[int, int]:
@@ -121,6 +126,17 @@ def _units(model, a):
     return Neurons(model)
 
 
+def _unit_layout(a, model, topk) -> tuple[list[int], int]:
+    """(layers that have units, units per layer), before any weights are read: the SAE's with --sae, else the
+    model's neurons."""
+    if getattr(a, "sae", None):
+        from ..sae.library import read_record
+
+        r = read_record(a.sae)
+        return r["layers"], r["num_latents"]
+    return list(range(model.n_layers)), topk.width(model)
+
+
 def _check_stats_sae(stats, a) -> None:
     """With --sae DIR, statistics read without a model must be of that SAE's latents."""
     if not getattr(a, "sae", None):
@@ -135,24 +151,61 @@ def _check_stats_sae(stats, a) -> None:
                         f"compute them with `topk-ds analyze stats MODEL --sae {a.sae}`")
 
 
-def _collect(units, tokenizer, a, layers):
-    from .data import token_batches
-    from .stats import collect, compute_entropy, memory_bytes
+def _seq_len(requested: int | None, model) -> int:
+    """The window length: as asked (at most the model's context, as eval refuses longer), else the model's
+    max_seq_len up to 1024."""
+    if requested is not None and requested > model.max_seq_len:
+        raise UserError(f"--seq-len {requested} exceeds the model's context (max_seq_len {model.max_seq_len}); "
+                        f"choose --seq-len <= {model.max_seq_len}")
+    return requested or min(model.max_seq_len, 1024)
 
-    t = units.model.model
-    seq_len = a.seq_len or min(t.cfg.max_seq_len, 1024)
-    batches = token_batches(a.data, tokenizer, t.cfg.vocab_size, seq_len, a.tokens, max(1, a.batch_tokens // seq_len), a.split)
-    n = len(units.check_layers(layers))
-    print(f"accumulators for {n} layers: {memory_bytes(t.cfg.vocab_size, units.width, n, a.top_contexts) / 2**20:,.0f} MB",
-          file=sys.stderr)
+
+def _plan_pass(a, layers, what: str = "analyze stats"):
+    """Before any weights are read: the device, the layers, the window length, the memory the pass needs
+    (refused in one line when it does not fit) and what it will cost. -> (device, dtype, layers, seq_len)."""
+    import torch
+
+    from ..convert.hf_export import read_config
+    from ..devices import check_memory, cost_line, resolve
+    from ..train.distributed import rank, world_size
+    from .stats import memory_needs
+    from .units import check_layers
+
+    device, dtype = resolve(a.device, a.dtype)
+    model, topk = read_config(a.model, a.tag)
+    available, width = _unit_layout(a, model, topk)
+    layers = check_layers(layers, available, model.n_layers)
+    seq_len = _seq_len(a.seq_len, model)
+    batch_tokens = max(1, a.batch_tokens // seq_len) * seq_len
+    on_device, on_host = memory_needs(model, width, len(layers), batch_tokens, dtype.itemsize, a.top_contexts)
+    hint = "analyse fewer layers with --layers (or use fewer --batch-tokens)"
+    lines = [check_memory(what, on_host | on_device, device, hint)] if device.type == "cpu" else \
+        [check_memory(what, on_device, device, hint), check_memory(what, on_host, torch.device("cpu"), hint)]
+    forward = dataclasses.replace(model, n_layers=max(layers) + 1)  # the pass stops after the last analysed layer
+    flops = forward.flops_per_token(seq_len, training=False) - 2 * model.vocab_size * model.dim  # no LM head
+    lines.append(cost_line(what, -(-a.tokens // seq_len) * seq_len, flops, device, dtype, world_size()))
+    if rank() == 0:
+        print("\n".join(lines), file=sys.stderr, flush=True)
+    return device, dtype, layers, seq_len
+
+
+def _collect(units, tokenizer, a, layers, seq_len):
+    from ..train.distributed import rank
+    from .data import token_batches
+    from .stats import collect, compute_entropy
+
+    batches = token_batches(a.data, tokenizer, units.model.model.cfg.vocab_size, seq_len, a.tokens,
+                            max(1, a.batch_tokens // seq_len), a.split)
     stats = collect(units, tokenizer, batches, a.tokens, layers, a.top_contexts)
-    compute_entropy(stats, a.percentile, a.threshold, a.bins)
+    if rank() == 0:  # on several processes every one holds the merged statistics; one goes on with them
+        compute_entropy(stats, a.percentile, a.threshold, a.bins)
     return stats
 
 
 def _stats(a):
     from ..convert.hf_export import load
     from ..io import check_replaceable
+    from ..train.distributed import rank
     from .concepts import Concepts
     from .data import check_data
 
@@ -163,8 +216,11 @@ def _stats(a):
     check_settings(a)
     check_data(a.data)  # before the model is loaded: a wrong path fails at once
     concepts = Concepts.load(a.concepts) if a.concepts else Concepts.beside(a.data)
-    model, tokenizer = load(a.model, tag=a.tag)
-    stats = _collect(_units(model, a), tokenizer, a, a.layers)
+    device, dtype, layers, seq_len = _plan_pass(a, a.layers)
+    model, tokenizer = load(a.model, tag=a.tag, device=device, dtype=dtype)
+    stats = _collect(_units(model, a), tokenizer, a, layers, seq_len)
+    if rank() != 0:  # one process writes
+        return
     stats.meta |= {"model": str(Path(a.model).resolve()), "tag": a.tag, "data": str(a.data), "split": a.split,
                    "concepts": str(concepts.path.resolve()) if concepts else None}
     stats.save(out)
@@ -205,7 +261,8 @@ def _entropy(a):
 
 
 def _neuron(a):
-    from ..convert.hf_export import load
+    from ..convert.hf_export import load, read_config
+    from ..devices import resolve
     from ..io import write_json
     from .report import LayerReport, format_report
     from .stats import Stats
@@ -218,17 +275,22 @@ def _neuron(a):
     if _is_stats(a.model):
         stats = Stats.load(a.model, layers=[layer])
         _check_stats_sae(stats, a)
-    else:
-        model, tokenizer = load(a.model, tag=a.tag)
+    elif a.stats or a.data:
+        if a.data:
+            device, dtype, _, seq_len = _plan_pass(a, [layer], "analyze neuron")
+        else:
+            device, dtype = resolve(a.device, a.dtype)
+        model, tokenizer = load(a.model, tag=a.tag, device=device, dtype=dtype)
         units = _units(model, a)
         units.check(layer, index)
         if a.stats:
             stats = Stats.load(a.stats, layers=[layer])
             stats.check_units(units)
-        elif a.data:
-            stats = _collect(units, tokenizer, a, [layer])
         else:
-            raise UserError(f"{a.model} is a model: pass --stats DIR (saved by `topk-ds analyze stats`) or --data DATA")
+            stats = _collect(units, tokenizer, a, [layer], seq_len)
+    else:
+        read_config(a.model, a.tag)  # a model, else what it is not
+        raise UserError(f"{a.model} is a model: pass --stats DIR (saved by `topk-ds analyze stats`) or --data DATA")
     stats.check_neuron(layer, index)
     report = LayerReport(stats, layer, _concepts(a.concepts, stats)).neuron(index, a.contexts)
     print(format_report(report))
@@ -241,9 +303,12 @@ def _neuron(a):
 
 
 def _trace(a):
+    from ..config import load_config
+    from ..convert.hf_export import run_checkpoints
+    from ..devices import check_memory, cost_line, resolve
     from ..io import write_json
     from .plots import entropy_over_training, neuron_heatmap
-    from .trace import trace_entropy, trace_neuron
+    from .trace import run_data, trace_entropy, trace_neuron
 
     out = check_output(Path(a.out) if a.out else Path(a.run_dir) / "analysis", "analyze trace")
     if a.entropy == bool(a.neuron):
@@ -253,15 +318,26 @@ def _trace(a):
     if a.neuron:
         layer, index = parse_neuron(a.neuron) if ":" in a.neuron else (None, parse_index(a.neuron))
         check_run_neuron(a.run_dir, layer, index, a.sae)
+    device, dtype = resolve(a.device, a.dtype)
+    data, seq_len = run_data(a.run_dir, a.data, a.seq_len)
+    checkpoints = run_checkpoints(a.run_dir)
+    if (Path(a.run_dir) / "config.yaml").is_file():
+        model = load_config(str(Path(a.run_dir) / "config.yaml")).model
+        print(check_memory("analyze trace", {"one checkpoint's model": model.num_params() * dtype.itemsize}, device),
+              file=sys.stderr)
+        tokens = -(-a.tokens // seq_len) * seq_len
+        print(cost_line(f"analyze trace over {len(checkpoints)} checkpoints", len(checkpoints) * tokens,
+                        model.flops_per_token(seq_len, training=False), device, dtype), file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     units_of = functools.partial(_units, a=a)
     prefix = "sae-" if a.sae else ""  # a latent's trace beside the neuron's of the same index
     if a.entropy:
-        result = trace_entropy(a.run_dir, a.data, a.tokens, a.seq_len, units_of=units_of)
+        result = trace_entropy(a.run_dir, data, a.tokens, seq_len, device=device, dtype=dtype, units_of=units_of)
         name = f"{prefix}entropy-trace"
         png = entropy_over_training(result, out / f"{name}.png")
     else:
-        result = trace_neuron(a.run_dir, index, a.token, a.data, a.tokens, a.seq_len, units_of=units_of)
+        result = trace_neuron(a.run_dir, index, a.token, data, a.tokens, seq_len, device=device, dtype=dtype,
+                              units_of=units_of)
         name = f"{prefix}trace-{index}-{a.token}"
         png = neuron_heatmap(result, out / f"{name}.png", layer)
     write_json(out / f"{name}.json", result)
@@ -305,12 +381,11 @@ def _steer(a):
     if a.greedy and a.samples not in (None, 1):
         raise UserError(f"--greedy decodes one text per offset; drop --samples {a.samples}")
     samples = a.samples or (1 if a.greedy else 5)
-    if samples < 1 or a.max_new_tokens < 1:
-        raise UserError("--samples and --max-new-tokens must be >= 1")
     out = Path(a.out) if a.out else (Path(a.stats) / "steering" / f"{layer}_{index}.json" if a.stats
                                      else Path(f"steer_{layer}_{index}.json"))
     check_output(out, "steer", kind="file")
-    model, tokenizer = load(a.model, tag=a.tag)
+    device, dtype = _plan_generation(a, layer, len({0.0, *a.offset}), samples)
+    model, tokenizer = load(a.model, tag=a.tag, device=device, dtype=dtype)
     units = _units(model, a)
     units.check(layer, index)
     stats = None
@@ -331,6 +406,23 @@ def _steer(a):
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     print(f"wrote {len(result['offsets'])} x {samples} samples of {units.name} {a.neuron} to {out}")
+
+
+def _plan_generation(a, layer: int, offsets: int, samples: int):
+    """Before any weights are read, for steer: the device, the layer, the memory of the model and the cost of
+    `samples` continuations per offset (the unsteered one included). -> (device, dtype)."""
+    from ..convert.hf_export import read_config
+    from ..devices import check_memory, cost_line, resolve
+    from .units import check_layers
+
+    device, dtype = resolve(a.device, a.dtype)
+    model, topk = read_config(a.model, a.tag)
+    check_layers([layer], _unit_layout(a, model, topk)[0], model.n_layers)
+    print(check_memory("steer", {"model": model.num_params() * dtype.itemsize}, device), file=sys.stderr)
+    tokens = offsets * samples * (a.max_new_tokens + len(a.prompt.split()) + 1)  # ~ a token per word of the prompt
+    print(cost_line(f"steer: {offsets} offsets x {samples} samples of {a.max_new_tokens} new tokens", tokens,
+                    model.flops_per_token(a.max_new_tokens, training=False), device, dtype), file=sys.stderr, flush=True)
+    return device, dtype
 
 
 COMPARE_HELP = """\
@@ -418,8 +510,8 @@ def _sae_arg(p, what: str) -> None:
 
 
 def _entropy_args(p) -> None:
-    p.add_argument("--percentile", type=float, default=PERCENTILE, help=f"theta's percentile (default {PERCENTILE:g})")
-    p.add_argument("--threshold", type=float, default=THRESHOLD_RATIO,
+    p.add_argument("--percentile", type=number, default=PERCENTILE, help=f"theta's percentile (default {PERCENTILE:g})")
+    p.add_argument("--threshold", type=number, default=THRESHOLD_RATIO,
                    help=f"theta = THRESHOLD x percentile (default {THRESHOLD_RATIO:g})")
     p.add_argument("--bins", type=int, default=BINS, help=f"cosine bins over [-1, 1], at most 255 (default {BINS})")
 
@@ -429,10 +521,10 @@ def _data_args(p, required: bool) -> None:
                    ".txt/.jsonl/.parquet files encoded with the model's tokenizer")
     p.add_argument("--tokens", type=positive, default=1_000_000, help="tokens to run over (default 1,000,000)")
     p.add_argument("--split", default="train", choices=("train", "val"), help="split of prepared data (default train)")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="window length (default: the model's max_seq_len, at most 1024; use the training length)")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward pass (default 8192)")
-    p.add_argument("--top-contexts", type=int, default=TOP, help=f"top-activating contexts kept per neuron (default {TOP})")
+    p.add_argument("--seq-len", type=positive, default=None, help="window length, at most the model's max_seq_len "
+                   "(default: the model's max_seq_len, at most 1024; use the training length)")
+    p.add_argument("--batch-tokens", type=positive, default=8192, help="tokens per forward pass (default 8192)")
+    p.add_argument("--top-contexts", type=count, default=TOP, help=f"top-activating contexts kept per neuron (default {TOP})")
     _entropy_args(p)
 
 
@@ -448,9 +540,10 @@ def add_commands(commands) -> None:
     p.add_argument("--concepts", help="concepts.json to label neurons with (default: the one beside the data's corpus)")
     p.add_argument("--force", action="store_true", help="replace existing statistics in --out")
     _model_args(p)
+    _data_args(p, required=True)
+    device_args(p)
     _sae_arg(p, "statistics of the latents of the SAE in DIR (`topk-ds sae train`) at its layers, instead of the "
                 "model's neurons")
-    _data_args(p, required=True)
     p.set_defaults(run=_stats)
 
     p = sub.add_parser("entropy", help="per-layer token and semantic entropy of saved statistics; --compare draws Figure 3")
@@ -465,11 +558,12 @@ def add_commands(commands) -> None:
     p.add_argument("neuron", metavar="L:I", help="layer:index, e.g. 0:17")
     p.add_argument("--stats", help="statistics of MODEL (refused when computed from another model)")
     p.add_argument("--concepts", help="concepts.json to score the label against (default: the one the statistics recorded)")
-    p.add_argument("--contexts", type=int, default=10, help="top contexts to show (default 10)")
+    p.add_argument("--contexts", type=count, default=10, help="top contexts to show (default 10)")
     p.add_argument("--json", help="also write the report as JSON to this file")
     _model_args(p)
-    _sae_arg(p, "L:I is latent I of the SAE in DIR at layer L (statistics given must be of that SAE)")
     _data_args(p, required=False)
+    device_args(p)
+    _sae_arg(p, "L:I is latent I of the SAE in DIR at layer L (statistics given must be of that SAE)")
     p.set_defaults(run=_neuron)
 
     p = sub.add_parser("trace", help="a neuron over checkpoints x layers (Figure 5), or entropies over training (Figure 4)")
@@ -479,8 +573,9 @@ def add_commands(commands) -> None:
     p.add_argument("--entropy", action="store_true", help="per-layer entropy distributions over training steps")
     p.add_argument("--data", help="data to run on (default: the run's data.path)")
     p.add_argument("--tokens", type=positive, default=TRACE_TOKENS, help=f"tokens per checkpoint (default {TRACE_TOKENS:,})")
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's data.seq_len)")
+    p.add_argument("--seq-len", type=positive, default=None, help="window length (default: the run's data.seq_len)")
     p.add_argument("--out", help="output directory (default RUN_DIR/analysis)")
+    device_args(p)
     _sae_arg(p, "trace latent I of the SAE in DIR (the same SAE applied to every checkpoint) at its layers")
     p.set_defaults(run=_trace)
 
@@ -488,9 +583,23 @@ def add_commands(commands) -> None:
     p.add_argument("stats", metavar="STATS_DIR")
     p.add_argument("--out", required=True, help="site directory to write (replaced)")
     p.add_argument("--concepts", help="concepts.json for topic columns (default: the one the statistics recorded)")
-    p.add_argument("--contexts", type=int, default=10, help="top contexts per neuron page (default 10)")
+    p.add_argument("--contexts", type=count, default=10, help="top contexts per neuron page (default 10)")
     _sae_arg(p, "the SAE the statistics were computed from (checked)")
     p.set_defaults(run=_browse)
+
+    p = sub.add_parser("export", help="saved statistics as Neuronpedia's import layout, or TopK layers as SAEs of "
+                       "sparsify / SAELens", description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stats", metavar="STATS_DIR")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    p.add_argument("--out", required=True, help="directory to write (replaced as a whole)")
+    p.add_argument("--layers", type=int, nargs="+", help="layers to export (default: every analysed layer)")
+    p.add_argument("--model", help="sparsify/saelens: the model the statistics came from (default: the one recorded "
+                   "in STATS_DIR/stats.json; checked against the statistics' fingerprint)")
+    p.add_argument("--model-id", help="neuronpedia: the model's id (default topk-llama-DIMxLAYERS-kK)")
+    p.add_argument("--source-set", help="neuronpedia: the source set (default topk-res-WIDTH, sae-res-WIDTH for latents)")
+    p.add_argument("--release", help="neuronpedia: the release name (default topk-ds)")
+    p.add_argument("--creator", help="neuronpedia: the creator's name (default topk_ds)")
+    p.set_defaults(run=_export)
 
     p = sub.add_parser("compare", help="TopK LM neurons vs dense-twin neurons vs SAE latents, against the planted topics",
                        description=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -516,20 +625,6 @@ def add_commands(commands) -> None:
     p.add_argument("--force", action="store_true", help="replace a comparison already in --out")
     p.set_defaults(run=_compare)
 
-    p = sub.add_parser("export", help="saved statistics as Neuronpedia's import layout, or TopK layers as SAEs of "
-                       "sparsify / SAELens", description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stats", metavar="STATS_DIR")
-    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
-    p.add_argument("--out", required=True, help="directory to write (replaced as a whole)")
-    p.add_argument("--layers", type=int, nargs="+", help="layers to export (default: every analysed layer)")
-    p.add_argument("--model", help="sparsify/saelens: the model the statistics came from (default: the one recorded "
-                   "in STATS_DIR/stats.json; checked against the statistics' fingerprint)")
-    p.add_argument("--model-id", help="neuronpedia: the model's id (default topk-llama-DIMxLAYERS-kK)")
-    p.add_argument("--source-set", help="neuronpedia: the source set (default topk-res-WIDTH, sae-res-WIDTH for latents)")
-    p.add_argument("--release", help="neuronpedia: the release name (default topk-ds)")
-    p.add_argument("--creator", help="neuronpedia: the creator's name (default topk_ds)")
-    p.set_defaults(run=_export)
-
     p = commands.add_parser("steer", help="generate with one neuron's pre-activation offset (concept steering)",
                             description="Add each --offset to neuron L:I's pre-activation at every position (prompt and "
                             "every generated token, KV cache on) and sample with the paper's settings (temperature 0.7, "
@@ -537,18 +632,19 @@ def add_commands(commands) -> None:
                             "and a topic, reports the share of generated content words in the topic.")
     p.add_argument("model", help="converted model directory, run directory or checkpoint tag")
     p.add_argument("--neuron", required=True, metavar="L:I")
-    p.add_argument("--offset", type=float, action="append", required=True, help="offset C (repeatable)")
+    p.add_argument("--offset", type=number, action="append", required=True, help="offset C (repeatable)")
     p.add_argument("--prompt", default=PROMPT, help=f"prompt (default {PROMPT!r})")
-    p.add_argument("--samples", type=int, default=None, help="samples per offset (default 5; 1 with --greedy)")
+    p.add_argument("--samples", type=positive, default=None, help="samples per offset (default 5; 1 with --greedy)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every offset (default 0)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling (one text "
                    "per offset, the same on any machine)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--max-new-tokens", type=positive, default=128, help="tokens to generate (default 128)")
     p.add_argument("--stats", help="statistics of MODEL: label the neuron, and save the samples in STATS/steering/ for browse")
     p.add_argument("--concepts", help="concepts.json (default: the one the statistics recorded)")
     p.add_argument("--topic", help="the topic whose share of generated words to report (default: the neuron's label topic)")
     p.add_argument("--out", help="JSON file to write (default STATS/steering/L_I.json, else steer_L_I.json)")
     _model_args(p)
+    device_args(p)
     _sae_arg(p, "steer latent I of the SAE in DIR: add OFFSET x its decoder direction W_dec[I] to the residual "
                 "stream after block L at every position")
     p.set_defaults(run=_steer)

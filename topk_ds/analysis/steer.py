@@ -20,15 +20,22 @@ def sampling(greedy: bool = False) -> dict:
     return {"do_sample": False} if greedy else {k: v for k, v in GENERATION_DEFAULTS.items() if k != "max_new_tokens"}
 
 
-def sample(model, tokenizer, prompt: str, samples: int, seed: int, max_new_tokens: int, greedy: bool = False) -> list[str]:
-    """`samples` continuations of `prompt` (one batch), text only."""
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
+def generate(model, tokenizer, prompt: str, samples: int, seed: int, max_new_tokens: int,
+             greedy: bool = False) -> torch.Tensor:
+    """(samples, new tokens) ids of `samples` continuations of `prompt` (one batch; ended ones padded with EOS)."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
     torch.manual_seed(seed)
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), num_return_sequences=samples,
                              **sampling(greedy), max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    return out[:, ids.shape[1]:].cpu()
+
+
+def sample(model, tokenizer, prompt: str, samples: int, seed: int, max_new_tokens: int, greedy: bool = False) -> list[str]:
+    """`samples` continuations of `prompt` (one batch), text only."""
+    return tokenizer.batch_decode(generate(model, tokenizer, prompt, samples, seed, max_new_tokens, greedy),
+                                  skip_special_tokens=True)
 
 
 def topic_shares(texts: list[str], concepts) -> dict[str, float]:
@@ -89,8 +96,8 @@ def steering_success(units, tokenizer, candidates: list[dict], concepts, scales=
 def steer(units, tokenizer, layer: int, index: int, offsets: list[float], prompt: str = PROMPT, samples: int = 5,
           seed: int = 0, max_new_tokens: int = 128, concepts=None, topic: str | None = None, greedy: bool = False,
           progress: bool = True) -> dict:
-    """Texts per offset, the unsteered baseline (offset 0) first; with concepts and a topic, the share of
-    generated content words that belong to the topic."""
+    """Texts (and their token ids) per offset, the unsteered baseline (offset 0) first; with concepts and a topic,
+    the share of generated content words that belong to the topic."""
     if tokenizer is None:
         raise UserError("the model has no tokenizer: steering needs one to encode the prompt and decode the samples")
     if topic is not None and topic not in concepts.topics:
@@ -98,8 +105,9 @@ def steer(units, tokenizer, layer: int, index: int, offsets: list[float], prompt
     rows = []
     for offset in progress_of([0.0] + [c for c in offsets if c != 0], desc="steer", unit="offset", enabled=progress):
         with units.steered(layer, index, offset) if offset else contextlib.nullcontext():
-            texts = sample(units.model, tokenizer, prompt, samples, seed, max_new_tokens, greedy)
-        row = {"offset": offset, "texts": texts}
+            ids = generate(units.model, tokenizer, prompt, samples, seed, max_new_tokens, greedy)
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        row = {"offset": offset, "texts": texts, "ids": ids.tolist()}
         if topic is not None:
             hits, words = concepts.share(texts, topic)
             row |= {"topic_words": hits, "content_words": words, "share": hits / words if words else 0.0}

@@ -44,12 +44,13 @@ def run_until_recorded(model, tokens: torch.Tensor) -> None:
 
 def weights_hash(tensors) -> str:
     """A hash of named tensors [(name, tensor)] over names, shapes and up to 65,536 evenly spaced values of
-    every tensor: fast at any size."""
+    every tensor (fast at any size), rounded to bf16 so that the same weights loaded in fp32 or bf16, on any
+    device, have one hash."""
     h = hashlib.sha256()
     for name, p in sorted(tensors, key=lambda item: item[0]):
         flat = p.detach().reshape(-1)
         h.update(f"{name}{tuple(p.shape)}".encode())
-        h.update(flat[::max(1, flat.numel() // 65536)].float().contiguous().cpu().numpy().tobytes())
+        h.update(flat[::max(1, flat.numel() // 65536)].to(torch.bfloat16).cpu().view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:20]
 
 

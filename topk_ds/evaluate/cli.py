@@ -1,7 +1,7 @@
 import argparse
 from pathlib import Path
 
-from ..arguments import positive
+from ..arguments import device_args, positive
 from ..io import check_output
 
 from .suites import LOCAL_DIR, LOCAL_SEED, SUITES
@@ -13,7 +13,7 @@ def _eval(a):
     if a.out:
         check_output(a.out, "eval")
     evaluate(a.models, a.suite, tasks=a.tasks, out=a.out, batch_size=a.batch_size, limit=a.limit,
-             max_length=a.max_length, val_data=a.val_data)
+             max_length=a.max_length, val_data=a.val_data, device=a.device, dtype=a.dtype)
 
 
 def _make_local(a):
@@ -41,11 +41,13 @@ def add_commands(commands) -> None:
     p.add_argument("--suite", choices=sorted(SUITES), required=True, help="which set of tasks")
     p.add_argument("--tasks", nargs="+", metavar="T", help=f"run only these of the suite's tasks ({tasks})")
     p.add_argument("--out", type=Path, help="output directory (default: eval_results/SUITE in the working directory)")
-    p.add_argument("--batch-size", type=_batch_size, default="16", help="lm-eval batch size, or auto (default 16)")
+    p.add_argument("--batch-size", type=_batch_size, default="16",
+                   help="lm-eval batch size, or auto: the largest that fits the device, from 64 down (default 16)")
     p.add_argument("--limit", type=positive, help="evaluate only the first N items of each task (for a quick look)")
     p.add_argument("--max-length", type=positive, default=256, help="context length (default 256, the paper's)")
     p.add_argument("--val-data", help="documents of the Valid. column: a prepared data directory (its validation "
                    "split) or a jsonl with a \"text\" field (default: the data the checkpoint models were trained on)")
+    device_args(p)
     p.set_defaults(run=_eval)
 
     p = commands.add_parser("eval-make-local", help="regenerate the local suite's data from the synthetic grammar",

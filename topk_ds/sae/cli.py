@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from ..arguments import positive
+from ..arguments import device_args, positive
 
 TRAIN_HELP = """\
 Train a TopK sparse autoencoder (EleutherAI's sparsify) on the residual stream after each given block of
@@ -28,8 +28,11 @@ def layer_list(text: str) -> list[int]:
 
 
 def _train(a):
+    import torch
+
     from ..analysis.data import check_data
     from ..convert.hf_export import load
+    from ..devices import resolve
     from ..errors import UserError
     from ..io import check_replaceable
     from .library import RECORD
@@ -40,7 +43,11 @@ def _train(a):
     if (out / RECORD).exists() and not a.force:
         raise UserError(f"{out} already holds an SAE; pass --force to replace it")
     check_data(a.data)  # before the model is loaded: a wrong path fails at once
-    model, tokenizer = load(a.model, tag=a.tag)
+    device, dtype = resolve(a.device, a.dtype)
+    if device.type == "cpu" and dtype != torch.float32:
+        raise UserError("sae train runs the model in fp32 on the CPU (sparsify mixes precisions only under CUDA "
+                        "autocast); drop --dtype bf16")
+    model, tokenizer = load(a.model, tag=a.tag, device=device, dtype=dtype)
     layers = sorted({l for group in a.layers for l in group}) if a.layers else None
     r = train_sae(model, tokenizer, a.data, out, layers=layers, k=a.k, expansion=a.expansion, tokens=a.tokens,
                   seq_len=a.seq_len, split=a.split, seed=a.seed, batch_size=a.batch_size, model_path=a.model)
@@ -73,4 +80,5 @@ def add_commands(commands) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the SAE's initialisation (default 0)")
     p.add_argument("--tag", help="checkpoint tag when MODEL is a run directory (default: the newest complete one)")
     p.add_argument("--force", action="store_true", help="replace an SAE already in --out")
+    device_args(p)
     p.set_defaults(run=_train)

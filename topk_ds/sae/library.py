@@ -107,7 +107,7 @@ def train(model, windows: torch.Tensor, layers: list[int], out: Path, *, k: int,
             model.config.use_cache = cache
             torch.set_float32_matmul_precision(precision)  # fit() sets "high" for the whole process
         seconds = time.time() - started
-        saved = {l: sparsify.SparseCoder.load_from_disk(tmp / hookpoint(l)).eval() for l in layers}
+        saved = {l: sparsify.SparseCoder.load_from_disk(tmp / hookpoint(l), device=model.device).eval() for l in layers}
         tokens = windows.numel()
         record = record | {
             "format": FORMAT, "library": version(), "layers": list(layers), "hookpoints": config.hookpoints,
