@@ -194,6 +194,20 @@ def assert_one_error(result, *words) -> str:
     return errors[0]
 
 
+SAE_TOKENS = 20_000
+
+
+@pytest.fixture(scope="session")
+def sae_dir(tiny_hf, synthetic_data, tmp_path_factory):
+    """`topk-ds sae train` on the tiny model's TopK-site layers (defaults: k and width of the TopK LM)."""
+    from topk_ds.cli import main
+
+    out = tmp_path_factory.mktemp("sae") / "tiny"
+    main([str(a) for a in ("sae", "train", tiny_hf, "--data", synthetic_data[1], "--tokens", SAE_TOKENS, "--seq-len", 64,
+                           "--out", out)])
+    return out
+
+
 @pytest.fixture(scope="session")
 def stats_dir(tiny_hf, synthetic_data, tmp_path_factory):
     """`topk-ds analyze stats` of the tiny run's converted model over its training data."""

@@ -9,22 +9,12 @@ import math
 import pytest
 import torch
 
-from conftest import RUN_SAVE_EVERY, assert_one_error, cli_main, hooked_outputs
+from conftest import RUN_SAVE_EVERY, SAE_TOKENS, assert_one_error, cli_main, hooked_outputs
 from topk_ds.cli import main
-
-SAE_TOKENS = 20_000
 
 
 def cli(*args):
     main([str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def sae_dir(tiny_hf, synthetic_data, tmp_path_factory):
-    """`topk-ds sae train` on the tiny model's TopK-site layers (defaults: k and width of the TopK LM)."""
-    out = tmp_path_factory.mktemp("sae") / "tiny"
-    cli("sae", "train", tiny_hf, "--data", synthetic_data[1], "--tokens", SAE_TOKENS, "--seq-len", 64, "--out", out)
-    return out
 
 
 def test_sae_trains_and_loads_with_the_librarys_loader(sae_dir, tiny_hf, capsys):
