@@ -329,8 +329,7 @@ def test_a_dense_model_reports_no_alpha(tmp_path, capsys):
     model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=64, vocab_size=50), TopKConfig(enabled=False))
     monitor = Monitor(tmp_path, model, events.extend, total_steps=1, start_step=0, global_batch=1, seq_len=4,
                       flops_per_token=1.0, peak=(1e9, "test"), world=1, health_window=1, log_every=1, is_rank0=True)
-    monitor.step(1, 2.0, step_time=0.1, lr=1e-3, alpha=1.0, grad_norm=1.0, applied=True, skipped_total=0, tokens=4,
-                 device=torch.device("cpu"))
+    monitor.step(1, 2.0, step_time=0.1, lr=1e-3, alpha=1.0, grad_norm=1.0, applied=True, skipped_total=0, tokens=4)
     monitor.close()
     assert "alpha" not in metrics(tmp_path)[0] and "loss" in metrics(tmp_path)[0]
     assert "train/alpha" not in {name for name, _, _ in events} and "train/loss" in {name for name, _, _ in events}

@@ -46,6 +46,7 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp32 (fp32 on CPU: bf16 matmuls there are ~25x slower)
     ds_config: str = "ds_configs/zero3_bf16.json"  # DeepSpeed engine knobs (ZeRO stage, offload, ...)
     activation_checkpointing: bool = False  # recompute each block in backward (wide D ablations)
+    compile: bool = False  # torch.compile each block; off until a GPU measurement shows that it pays
     save_every: int = 1000  # checkpoint every N optimizer steps (and at the end)
     keep_last: int = 3  # checkpoints kept; older ones are deleted
     eval_every: int = 500  # validation loss every N steps; 0 turns it off

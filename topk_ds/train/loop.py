@@ -1,5 +1,6 @@
 """The training loop: the story of a run, one concern per call."""
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from .checkpoint import Checkpointer, TrainState, check_same_run, is_universal, 
 from .distributed import Preemption, any_rank, mean_over_ranks, rank, shutdown, together, world_size
 from .engine import Engine, init_distributed
 from .monitor import Monitor, peak_flops, truncate_metrics
+from .prefetch import Prefetcher
 from .rundir import RunDirectory
 
 
@@ -100,37 +102,40 @@ def _train(cfg: Config, resume: str) -> Path:
         monitor.log(f"{'resumed from ' + str(start) if start else 'started'} at step {state.step} of {cfg.train.steps}: "
                     f"{cfg.model.num_params():,} parameters, {world_size()} ranks, global batch {global_batch} x {cfg.data.seq_len} tokens")
         bad_in_a_row = 0
-        while state.step < cfg.train.steps:
-            started, lr = time.perf_counter(), engine.lr
-            losses = [engine.micro_step(data.batch(idx)) for idx in sampler.next_step(rank(), world_size(), cfg.train.micro_batch)]
-            loss = mean_over_ranks(torch.stack(losses).float().mean()).item()
-            report = engine.step_report()
-            step_time = time.perf_counter() - started
-            state.step, state.tokens = engine.step, state.tokens + global_batch * cfg.data.seq_len
-            state.sampler, state.skipped_steps = sampler.state_dict(), report["skipped"]
+        next_indices = functools.partial(sampler.next_step, rank(), world_size(), cfg.train.micro_batch)
+        with Prefetcher(data.batch, next_indices, sampler.state_dict, pin_memory=engine.device.type == "cuda") as prefetch:
+            while state.step < cfg.train.steps:
+                started, lr = time.perf_counter(), engine.lr
+                batches, sampler_state = prefetch.next_step()
+                losses = [engine.micro_step(batch) for batch in batches]
+                loss = mean_over_ranks(torch.stack(losses).float().mean()).item()
+                report = engine.step_report()
+                step_time = time.perf_counter() - started
+                state.step, state.tokens = engine.step, state.tokens + global_batch * cfg.data.seq_len
+                state.sampler, state.skipped_steps = sampler_state, report["skipped"]
 
-            good = report["applied"] and math.isfinite(loss)
-            bad_in_a_row = 0 if good else bad_in_a_row + 1
-            if not good:
-                monitor.log(f"step {state.step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
-            extra = {}
-            if val_batches and state.step % cfg.train.eval_every == 0:
-                val_loss = mean_over_ranks(engine.eval_loss(val_batches)).item()
-                extra = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-                monitor.log(f"step {state.step}: validation loss {val_loss:.4f}, perplexity {extra['val_ppl']:.2f}")
-            monitor.step(state.step, loss, step_time=step_time, lr=lr, alpha=engine.annealing.alpha_of(state.step - 1),
-                         grad_norm=report["grad_norm"], applied=good, skipped_total=state.skipped_steps,
-                         tokens=state.tokens, device=engine.device, extra=extra)
-            if bad_in_a_row >= cfg.train.max_bad_steps:
-                last = checkpointer.last_saved or "none (no checkpoint was saved yet)"
-                monitor.close()
-                raise UserError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
-                                f"{state.step}); stopping. Last good checkpoint: {last}")
-            checkpointer.maybe_save(engine, state, final=state.step == cfg.train.steps)
-            if any_rank(preemption.requested is not None, engine.device):
-                path = checkpointer.save(engine, state)
-                monitor.log(f"{preemption.requested or 'a signal on another rank'}: saved {path} at step {state.step}; "
-                            f"resume with --resume auto")
-                break
+                good = report["applied"] and math.isfinite(loss)
+                bad_in_a_row = 0 if good else bad_in_a_row + 1
+                if not good:
+                    monitor.log(f"step {state.step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
+                extra = {}
+                if val_batches and state.step % cfg.train.eval_every == 0:
+                    val_loss = mean_over_ranks(engine.eval_loss(val_batches)).item()
+                    extra = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+                    monitor.log(f"step {state.step}: validation loss {val_loss:.4f}, perplexity {extra['val_ppl']:.2f}")
+                monitor.step(state.step, loss, step_time=step_time, lr=lr, alpha=engine.annealing.alpha_of(state.step - 1),
+                             grad_norm=report["grad_norm"], applied=good, skipped_total=state.skipped_steps,
+                             tokens=state.tokens, extra=extra)
+                if bad_in_a_row >= cfg.train.max_bad_steps:
+                    last = checkpointer.last_saved or "none (no checkpoint was saved yet)"
+                    monitor.close()
+                    raise UserError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
+                                    f"{state.step}); stopping. Last good checkpoint: {last}")
+                checkpointer.maybe_save(engine, state, final=state.step == cfg.train.steps)
+                if any_rank(preemption.requested is not None, engine.device):
+                    path = checkpointer.save(engine, state)
+                    monitor.log(f"{preemption.requested or 'a signal on another rank'}: saved {path} at step {state.step}; "
+                                f"resume with --resume auto")
+                    break
         monitor.close()
     return run_dir
