@@ -321,7 +321,8 @@ def test_truncating_metrics_drops_a_torn_last_line_only(tmp_path):
         truncate_metrics(path, 3)
 
 
-def test_a_dense_model_reports_no_alpha(tmp_path, capsys):
+def test_a_dense_model_reports_no_alpha_in_plain_lines(tmp_path, capsys):
+    """Also the log of a run whose stderr is no terminal (a SLURM .out, nohup): whole lines, no carriage return."""
     from topk_ds.model import ModelConfig, TopKConfig, Transformer
     from topk_ds.train.monitor import Monitor
 
@@ -329,11 +330,15 @@ def test_a_dense_model_reports_no_alpha(tmp_path, capsys):
     model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=64, vocab_size=50), TopKConfig(enabled=False))
     monitor = Monitor(tmp_path, model, events.extend, total_steps=1, start_step=0, global_batch=1, seq_len=4,
                       flops_per_token=1.0, peak=(1e9, "test"), world=1, health_window=1, log_every=1, is_rank0=True)
+    monitor.log("started at step 0 of 1")
     monitor.step(1, 2.0, step_time=0.1, lr=1e-3, alpha=1.0, grad_norm=1.0, applied=True, skipped_total=0, tokens=4)
+    monitor.log("saved a checkpoint")
     monitor.close()
     assert "alpha" not in metrics(tmp_path)[0] and "loss" in metrics(tmp_path)[0]
     assert "train/alpha" not in {name for name, _, _ in events} and "train/loss" in {name for name, _, _ in events}
-    assert "alpha" not in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and "alpha" not in err
+    assert "started at step 0 of 1\n" in out and "saved a checkpoint\n" in out and "train: 1/1 step (100%)" in err
 
 
 def test_training_draws_no_random_numbers():
@@ -377,3 +382,18 @@ def test_concurrent_json_writers_never_share_a_temporary(tmp_path):
     assert [w.exitcode for w in writers] == [0, 0, 0, 0]
     assert json.loads(target.read_text())["payload"] == "x" * 1000
     assert [p.name for p in tmp_path.iterdir()] == ["complete.json"]
+
+
+def test_checkpoints_of_an_older_topk_ds_are_still_checked_and_loaded(tmp_path):
+    """Before checksums, complete.json held sizes alone and the TrainState an RNG entry: such runs still resume."""
+    from topk_ds.train.checkpoint import TrainState, problem, recorded_state
+
+    tag = tmp_path / "global_step8"
+    tag.mkdir()
+    (tag / "mp_rank_00_model_states.pt").write_bytes(bytes(100))
+    (tag / "complete.json").write_text(json.dumps({"step": 8, "files": {"mp_rank_00_model_states.pt": 100}}))
+    assert problem(tag) is None and recorded_state(tag) is None
+    os.truncate(tag / "mp_rank_00_model_states.pt", 99)
+    assert "has 99 bytes, expected 100 (truncated?)" in problem(tag)
+    saved = {"step": 8, "tokens": 64, "sampler": {"epoch": 0, "index": 64}, "global_batch": 8, "rng": {"torch": [1]}}
+    assert TrainState.saved(saved) == TrainState(step=8, tokens=64, sampler={"epoch": 0, "index": 64}, global_batch=8)

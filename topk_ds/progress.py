@@ -27,6 +27,9 @@ class _Lines(tqdm):
             self.fp.flush()
         return True
 
+    def clear(self, nolock=False):
+        pass  # a written line stays (tqdm would erase the bar with carriage returns around every write())
+
     def close(self):
         if not self.disable and not getattr(self, "_closed_line", False):
             self._closed_line = True

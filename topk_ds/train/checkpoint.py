@@ -41,6 +41,11 @@ class TrainState:
     global_batch: int = 0  # sequences per step; a resume must keep it (the sample order depends on it)
     skipped_steps: int = 0  # steps DeepSpeed skipped for a non-finite gradient norm
 
+    @classmethod
+    def saved(cls, state: dict) -> "TrainState":
+        """From a checkpoint; one of an older topk_ds also holds an "rng" entry, unused."""
+        return cls(**{name: value for name, value in state.items() if name != "rng"})
+
     def check_batch(self, global_batch: int) -> None:
         if self.global_batch != global_batch:
             raise SharedError(f"the checkpoint was trained with a global batch of {self.global_batch} sequences, this "
@@ -81,9 +86,14 @@ def file_sha256(path: Path) -> str:
 
 
 def read_marker(tag_dir: Path) -> dict | None:
+    """complete.json with files as {name: {"size", "sha256"}}, or None if unreadable. An older topk_ds wrote
+    sizes alone ({name: size}) and no train_state: such a checkpoint is still checked by size."""
     try:
         marker = json.loads((tag_dir / MARKER).read_text())
-        TrainState(**marker["train_state"])
+        marker["files"] = {name: entry if isinstance(entry, dict) else {"size": entry, "sha256": None}
+                           for name, entry in marker["files"].items()}
+        if "train_state" in marker:
+            TrainState.saved(marker["train_state"])
         return marker if all(isinstance(e["size"], int) for e in marker["files"].values()) else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -96,7 +106,7 @@ def problem(tag_dir: Path, share: tuple[int, int] = (0, 1)) -> str | None:
         return "no complete.json (the save was interrupted)"
     marker = read_marker(tag_dir)
     if marker is None:
-        return "complete.json is unreadable (damaged, or written by an older topk_ds)"
+        return "complete.json is unreadable (damaged?)"
     files = marker["files"]
     for name, entry in files.items():
         path = tag_dir / name
@@ -208,9 +218,10 @@ class Checkpointer:
 
 
 def recorded_state(checkpoint: Path) -> TrainState | None:
-    """The TrainState a tagged checkpoint recorded (None for a universal one: read it when loaded)."""
+    """The TrainState a tagged checkpoint recorded (None where complete.json holds none, as in a universal
+    checkpoint: it is read when loaded)."""
     marker = read_marker(checkpoint)
-    return TrainState(**marker["train_state"]) if marker else None
+    return TrainState.saved(marker["train_state"]) if marker and "train_state" in marker else None
 
 
 def is_universal(path: Path) -> bool:

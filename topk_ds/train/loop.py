@@ -57,7 +57,7 @@ def begin(cfg: Config, run_dir: Path, checkpointer: Checkpointer, resume: str, g
     engine = Engine(cfg, run_dir, universal=start is not None and is_universal(start))
     state = TrainState(global_batch=global_batch)
     if start is not None:
-        state = TrainState(**engine.load(start)["train_state"])
+        state = TrainState.saved(engine.load(start)["train_state"])
         state.check_batch(global_batch)  # a universal checkpoint holds its state only inside
     return engine, state, start
 
