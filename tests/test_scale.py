@@ -91,8 +91,9 @@ def test_steer_in_bf16_states_its_cost_and_writes_its_samples(tiny_hf, tmp_path,
 
 def test_load_reads_a_checkpoint_one_tensor_at_a_time(tiny_run, monkeypatch):
     """A ZeRO checkpoint is consolidated and cast tensor by tensor: in bf16, no fp32 tensor read earlier is
-    still alive when the next is read (never a second copy of the model); in fp32 the tensor read becomes
-    the parameter itself (no copy at all)."""
+    still alive when the next is read; in fp32 the tensor read becomes the parameter itself (no copy). Here
+    (ZeRO-2) the tensors are views of DeepSpeed's one merged fp32 vector; from ZeRO-3 shards each is
+    gathered as it is read (DeepSpeed's lazy mode), so no whole fp32 copy is made besides the model."""
     import topk_ds.convert.hf_export as hf_export
     from topk_ds import load
 
