@@ -95,6 +95,7 @@ COMMANDS = {
     "analyze entropy --compare": ("file", ["analyze", "entropy", "stats", "--compare", OUT]),
     "analyze browse": ("dir", ["analyze", "browse", "stats", "--out", OUT]),
     "analyze trace": ("dir", ["analyze", "trace", "run", "--entropy", "--out", OUT]),
+    "analyze export": ("dir", ["analyze", "export", "stats", "--format", "neuronpedia", "--out", OUT]),
     "steer": ("file", ["steer", "model", "--neuron", "0:1", "--offset", 1, "--out", OUT]),
     "eval": ("dir", ["eval", "model", "--suite", "local", "--out", OUT]),
     "eval-make-local": ("dir", ["eval-make-local", "--out", OUT]),
@@ -135,6 +136,10 @@ def test_corpus_synth_refuses_a_directory_holding_other_files(tmp_path, capsys):
     (tmp_path / "corpus.jsonl").write_text("my own data\n")
     assert_one_error(cli_main(capsys, "corpus", "synth", "--out", tmp_path, "--docs", 2), str(tmp_path), "not empty")
     assert [p.name for p in tmp_path.iterdir()] == ["corpus.jsonl"] and (tmp_path / "corpus.jsonl").read_text() == "my own data\n"
+
+
+def test_a_negative_count_names_the_bound_it_misses(tmp_path, capsys):
+    assert_one_error(cli_main(capsys, "corpus", "synth", "--out", tmp_path / "c", "--docs", -5), "--docs", ">= 1, got -5")
 
 
 # --- a full disk and a file-size limit: the line names the output and the cause; nothing is left -------

@@ -45,6 +45,7 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp32 (fp32 on CPU: bf16 matmuls there are ~25x slower)
     ds_config: str = "ds_configs/zero3_bf16.json"  # DeepSpeed engine knobs (ZeRO stage, offload, ...)
     activation_checkpointing: bool = False  # recompute each block in backward (wide D ablations)
+    compile: bool = False  # torch.compile each block; off until a GPU measurement shows that it pays
     save_every: int = 1000  # checkpoint every N optimizer steps (and at the end)
     keep_last: int = 3  # checkpoints kept; older ones are deleted
     eval_every: int = 500  # validation loss every N steps; 0 turns it off
@@ -181,7 +182,10 @@ def _read_yaml(path: Path) -> dict:
         raise UserError(f"config {path} is not a YAML text file (byte 0x{e.object[e.start]:02x} at {e.start} is not "
                         f"UTF-8)") from None
     except yaml.YAMLError as e:
-        raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"config {path} is not valid YAML: {getattr(e, 'problem', None) or str(e).splitlines()[0]}"
+                        f"{where}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -117,17 +117,24 @@ def verify(data_path, progress: bool = True) -> list[str]:
     """Every shard's size, sha256 and ids, and the tokenizer (its hash, vocabulary and special ids), against
     the manifest: one line per problem."""
     from ..progress import progress as progress_of
-    from .tokenizer import load_sentencepiece
 
     data_path = Path(data_path)
     m = read_manifest(data_path)
-    vocab = m["tokenizer"]["vocab_size"]
+    problems, vocab = _tokenizer_problems(data_path, m)
     shards = [s for split in SPLITS for s in m["splits"][split]["shards"]]
-    problems = [p for s in progress_of(shards, desc="verify", unit="shard", enabled=progress)
-                if (p := shard_problem(data_path, s, True, vocab, m["dtype"]))]
-    model = tokenizer_dir(data_path) / "tokenizer.model"
+    return [p for s in progress_of(shards, desc="verify", unit="shard", enabled=progress)
+            if (p := shard_problem(data_path, s, True, vocab, m["dtype"]))] + problems
+
+
+def _tokenizer_problems(data_path: Path, m: dict) -> tuple[list[str], int]:
+    """What is wrong with the data's tokenizer, and the vocabulary size the ids must stay below: the
+    tokenizer's own when it is the one recorded (a manifest edited to another size is reported once,
+    not again for every shard), else the manifest's."""
+    from .tokenizer import load_sentencepiece
+
+    model, vocab = tokenizer_dir(data_path) / "tokenizer.model", m["tokenizer"]["vocab_size"]
     if not model.is_file():
-        return problems + [f"{model}: missing"]
+        return [f"{model}: missing"], vocab
     try:
         sp = load_sentencepiece(model)
         found = {"vocab_size": sp.vocab_size(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id()}
@@ -135,10 +142,10 @@ def verify(data_path, progress: bool = True) -> list[str]:
         found = None
     if sha256_file(model) != m["tokenizer"]["sha256"]:
         what = f"vocab {found['vocab_size']}" if found else "not a sentencepiece model"
-        problems.append(f"{model}: not the tokenizer the data was prepared with ({what}, the manifest says vocab "
-                        f"{vocab}; sha256 differs)")
-    elif found and (wrong := [k for k, v in found.items() if m["tokenizer"].get(k, v) != v]):
+        return [f"{model}: not the tokenizer the data was prepared with ({what}, the manifest says vocab {vocab}; "
+                f"sha256 differs)"], vocab
+    if found and (wrong := [k for k, v in found.items() if m["tokenizer"].get(k, v) != v]):
         said = ", ".join(f"{k} {m['tokenizer'][k]}" for k in wrong)
-        problems.append(f"{data_path / MANIFEST} says {said}, but its tokenizer (sha256 as recorded) has "
-                        f"{', '.join(f'{k} {found[k]}' for k in wrong)}: the manifest was edited")
-    return problems
+        return [f"{data_path / MANIFEST} says {said}, but its tokenizer (sha256 as recorded) has "
+                f"{', '.join(f'{k} {found[k]}' for k in wrong)}: the manifest was edited"], found["vocab_size"]
+    return [], vocab

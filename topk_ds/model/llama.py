@@ -140,6 +140,12 @@ class Transformer(nn.Module):
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each block in place (parameter names unchanged); hooks on the model and the
+        loss stay eager. `options` go to torch.compile (e.g. backend)."""
+        for layer in self.layers:
+            layer.compile(**options)
+
     def sites(self) -> list[nn.Module]:
         """The activation module of every layer at the configured TopK site: neuron `l:i` is entry
         i of the input (pre-activation) or output (activation) of sites()[l]."""
