@@ -19,7 +19,7 @@ def test_dry_run_exercises_every_part(synthetic_data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()
     assert "not a GPU measurement" in text and "FAILED" not in text and "| NO |" not in text
-    for section in ("## correctness", "## TopK op", "## model vs transformers", "## engine"):
+    for section in ("## correctness", "## TopK op", "## model vs transformers", "## engine", "## analysis and evaluation"):
         assert section in text
     assert "killed after step 3 and resumed: steps 4-6 equal the uninterrupted run's | yes" in text
     for run in ("ZeRO-1", "ZeRO-2", "ZeRO-3", "ZeRO-3, compiled blocks", "ZeRO-3, zero3_2048x24.json"):
