@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .model.args import ModelConfig, TopKConfig
+from .model.args import ModelConfig, TopKConfig, rope_scaling_problem
 from .model.topk import ACTIVATIONS, SCHEDULES
 
 
@@ -44,6 +44,9 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp32 (fp32 on CPU: bf16 matmuls there are ~25x slower)
     ds_config: str = "ds_configs/zero3_bf16.json"  # DeepSpeed engine knobs (ZeRO stage, offload, ...)
     activation_checkpointing: bool = False  # recompute each block in backward (wide D ablations)
+    # ranks that share each sequence (DeepSpeed-Ulysses: each runs seq_len / N positions, attention all-to-alls
+    # heads); data-parallel ranks = ranks / N, and the global batch counts sequences over those
+    sequence_parallel: int = 1
     save_every: int = 1000  # checkpoint every N optimizer steps (and at the end)
     keep_last: int = 3  # checkpoints kept; older ones are deleted
     eval_every: int = 500  # validation loss every N steps; 0 turns it off
@@ -127,6 +130,10 @@ def _coerce(value, hint, where: str):
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{where} must be a list, got {value!r}")
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is dict:  # a mapping of plain values (model.rope_scaling), set as a whole
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a mapping like {{key: value, ...}}, got {value!r}")
+        return dict(value)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -240,6 +247,7 @@ def validate(cfg: Config) -> None:
                f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
     _check(m.vocab_size is None or m.vocab_size >= 2, f"model.vocab_size={m.vocab_size} must be >= 2 (or null: from the data)")
     _check(m.norm_eps > 0 and m.rope_theta > 0 and m.init_std > 0, "model.norm_eps, model.rope_theta and model.init_std must be > 0")
+    _check((problem := rope_scaling_problem(m.rope_scaling)) is None, f"model.rope_scaling: {problem}")
 
     _check(t.site in ("residual", "mlp"), f"topk.site='{t.site}' must be one of: residual, mlp")
     width = t.width(m)
@@ -254,6 +262,11 @@ def validate(cfg: Config) -> None:
     for name in ("steps", "micro_batch", "grad_accum", "save_every", "keep_last", "eval_batches", "log_every", "health_window",
                  "max_bad_steps"):
         _check(getattr(tr, name) >= 1, f"train.{name}={getattr(tr, name)} must be >= 1")
+    sp = tr.sequence_parallel
+    _check(sp >= 1, f"train.sequence_parallel={sp} must be >= 1")
+    for what, n in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads), ("data.seq_len", d.seq_len)):
+        _check(n % sp == 0, f"train.sequence_parallel={sp} must divide {what}={n} (each of the {sp} ranks of a "
+                            "sequence gets an equal share of the positions and of the attention heads)")
     _check(tr.eval_every >= 0, f"train.eval_every={tr.eval_every} must be >= 0 (0: no validation)")
     _check(tr.lr > 0, f"train.lr={tr.lr} must be > 0")
     _check(0.0 <= tr.min_lr_ratio <= 1.0, f"train.min_lr_ratio={tr.min_lr_ratio} must be in [0, 1]")

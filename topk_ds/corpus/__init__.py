@@ -2,14 +2,12 @@
 planted, so analysis can be checked against them."""
 
 import json
-import os
 import random
 from pathlib import Path
 
-
 from ..errors import UserError
+from ..io import atomic_output, write_json
 from ..progress import progress as progress_of
-from ..io import write_json
 from .grammar import concept_words, document, function_words
 
 DEFAULT_DOCS = 3600  # about 4.5 MB of text
@@ -22,16 +20,20 @@ def doc_rng(seed: int, index: int, stream: str = "train") -> random.Random:
 
 def write_synthetic_corpus(out: Path, docs: int = DEFAULT_DOCS, seed: int = 0, progress: bool = True) -> Path:
     """Write out/corpus.jsonl (text, topics) and out/concepts.json. Same seed, same bytes."""
+    return write_corpus(out, docs, seed, lambda i: document(doc_rng(seed, i)), "synthetic corpus", progress)
+
+
+def write_corpus(out: Path, docs: int, seed: int, make, desc: str, progress: bool = True, **meta) -> Path:
+    """out/corpus.jsonl with make(i) for every document i, and out/concepts.json (the planted topics, `meta`)."""
     if docs < 1:
         raise UserError(f"--docs must be >= 1, got {docs}")
     out.mkdir(parents=True, exist_ok=True)
-    path, tmp = out / "corpus.jsonl", out / "corpus.jsonl.tmp"
-    with open(tmp, "w") as f:
-        for i in progress_of(range(docs), desc="synthetic corpus", unit="doc", enabled=progress):
-            f.write(json.dumps(document(doc_rng(seed, i))) + "\n")
-    os.replace(tmp, path)
+    path = out / "corpus.jsonl"
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        for i in progress_of(range(docs), desc=desc, unit="doc", enabled=progress):
+            f.write(json.dumps(make(i)) + "\n")
     write_json(out / "concepts.json", {"topics": concept_words(), "function_words": function_words(),
-                                       "seed": seed, "docs": docs})
+                                       "seed": seed, "docs": docs, **meta})
     return path
 
 

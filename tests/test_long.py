@@ -1,0 +1,104 @@
+"""Long context: RoPE scaling (parity with transformers), ..."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from test_model import V, copy_into_hf_llama, tiny
+from topk_ds.config import load_config
+from topk_ds.errors import UserError
+from topk_ds.model import TopKConfig, Transformer
+from topk_ds.model.llama import rope_frequencies
+
+# Each scheme as transformers names and parameterises it, stretching a 16-token training context to 64.
+SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "yarn-mscale": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "mscale": 0.7,
+                    "mscale_all_dim": 1.0, "beta_fast": 16, "truncate": False},
+}
+
+
+@pytest.mark.parametrize("name", SCALINGS)
+def test_rope_frequencies_are_transformers(name):
+    scaling = SCALINGS[name]
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=64,
+                         rope_parameters={"rope_theta": 500.0, **scaling})
+    theirs, their_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](config, "cpu")
+    ours, our_factor = rope_frequencies(16, 500.0, scaling)
+    assert torch.equal(ours, theirs) and our_factor == their_factor
+    assert not torch.equal(ours, rope_frequencies(16, 500.0)[0])  # the scaling did something
+
+
+@pytest.mark.parametrize("name", SCALINGS)
+def test_dense_with_rope_scaling_matches_transformers_llama(name):
+    model = Transformer(tiny(max_seq_len=64, rope_scaling=SCALINGS[name], n_kv_heads=2)).eval()
+    hf = copy_into_hf_llama(model)
+    tokens = torch.randint(0, V, (2, 64))  # four times the "training" context
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-4
+
+
+def test_exported_topk_model_with_rope_scaling_in_plain_transformers(tmp_path):
+    """A TopK LM stretched with YaRN, exported as `topk-ds convert` does, loads in a process that cannot
+    import topk_ds, with transformers' own rope_parameters in config.json, the same logits as ours and
+    the same greedy continuation with and without the KV cache."""
+    from topk_ds.model.hf import TopKLlamaConfig, TopKLlamaForCausalLM
+
+    model_cfg = tiny(max_seq_len=64, rope_scaling=SCALINGS["yarn"])
+    config = TopKLlamaConfig.from_args(model_cfg, TopKConfig(k=8))
+    model = TopKLlamaForCausalLM(config).eval()
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    model.config.register_for_auto_class()
+    model.register_for_auto_class("AutoModelForCausalLM")
+    model.save_pretrained(tmp_path / "hf")
+    saved = json.loads((tmp_path / "hf/config.json").read_text())
+    assert saved["rope_parameters"] == {"rope_theta": 10000.0, **SCALINGS["yarn"]}
+    tokens = torch.randint(0, V, (1, 60))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    script = f"""
+import sys
+sys.modules["topk_ds"] = None  # any import of the package now fails
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "hf")!r}, trust_remote_code=True).eval()
+assert not type(model).__module__.startswith("topk_ds"), type(model).__module__
+tokens = torch.load({str(tmp_path / "tokens.pt")!r})
+with torch.no_grad():
+    torch.save(model(tokens).logits, {str(tmp_path / "logits.pt")!r})
+kw = dict(do_sample=False, max_new_tokens=20, min_new_tokens=20)
+a, b = model.generate(tokens[:, :40], use_cache=True, **kw), model.generate(tokens[:, :40], use_cache=False, **kw)
+assert torch.equal(a, b), (a, b)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = Transformer(model_cfg, TopKConfig(k=8)).eval()
+    reference.load_state_dict({k.removeprefix("model."): v for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "logits.pt"), reference(tokens))
+
+
+@pytest.mark.parametrize("scaling, message", [
+    ("{rope_type: dynamic, factor: 4}", "rope_type='dynamic' is not supported; choose one of linear, llama3, yarn"),
+    ("{rope_type: yarn, factor: 4}", "missing original_max_position_embeddings"),
+    ("{rope_type: linear, factor: 4, beta_fast: 2}", "unknown beta_fast"),
+    ("{rope_type: linear, factor: 0.5}", "factor=0.5 must be >= 1"),
+    ("8", "model.rope_scaling must be a mapping"),
+])
+def test_bad_rope_scaling_is_one_line(scaling, message, capsys):
+    from topk_ds.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["config", "show", "--config", "tiny", "--set", f"model.rope_scaling={scaling}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
