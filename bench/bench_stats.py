@@ -79,6 +79,7 @@ def collect_figure(repeats: int) -> Figure:
     from types import SimpleNamespace
 
     from topk_ds.analysis.stats import collect
+    from topk_ds.analysis.units import Neurons
     from topk_ds.model import ModelConfig, TopKConfig, Transformer
 
     torch.manual_seed(0)
@@ -88,7 +89,7 @@ def collect_figure(repeats: int) -> Figure:
     tokens = torch.randint(0, V, (8, 256))
 
     def ours():
-        collect(wrapper, None, [tokens], tokens.numel(), progress=False)
+        collect(Neurons(wrapper), None, [tokens], tokens.numel(), progress=False)
 
     def peer():
         with torch.inference_mode():

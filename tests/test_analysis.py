@@ -160,6 +160,7 @@ def stats_dir(tiny_hf, synthetic_data, tmp_path_factory):
 def test_stats_file_contents_and_round_trip(stats_dir, tiny_hf, synthetic_data):
     from topk_ds import load
     from topk_ds.analysis.stats import Stats
+    from topk_ds.analysis.units import Neurons
 
     stats = Stats.load(stats_dir)
     meta = stats.meta
@@ -171,7 +172,7 @@ def test_stats_file_contents_and_round_trip(stats_dir, tiny_hf, synthetic_data):
         assert 0 < row["l0"] <= 8
     assert meta["layers"][2]["l0"] > 8
     model, _ = load(tiny_hf)
-    stats.check_model(model)  # the fingerprint matches the model it came from
+    stats.check_units(Neurons(model))  # the fingerprint matches the model it came from
     # saved and reloaded: equal
     copy = Stats.load(stats.save(stats_dir.parent / "copy"))
     assert copy.meta == stats.meta and copy.pieces == stats.pieces
@@ -187,10 +188,11 @@ def test_collect_equals_a_dense_reference_on_the_model(tiny_hf, synthetic_data):
     from topk_ds import load
     from topk_ds.analysis.data import token_batches
     from topk_ds.analysis.stats import collect
+    from topk_ds.analysis.units import Neurons
 
     model, tok = load(tiny_hf)
     batches = list(token_batches(synthetic_data[1], tok, model.config.vocab_size, 64, 8192, 16))
-    stats = collect(model, tok, batches, 8192, layers=[0, 1, 2], progress=False)
+    stats = collect(Neurons(model), tok, batches, 8192, layers=[0, 1, 2], progress=False)
     assert [r["accumulation"] for r in stats.meta["layers"]] == ["sparse", "sparse", "dense"]
 
     outputs = {l: [] for l in (0, 1, 2)}
@@ -266,6 +268,7 @@ def test_most_of_the_top_concept_neurons_steer_their_topic(concept_model):
     raise their topic's share of generated content words by >= 0.2 at 1 or 2 times their largest activation."""
     from topk_ds import load
     from topk_ds.analysis.steer import sample, steering_candidates, steering_success, topic_shares
+    from topk_ds.analysis.units import Neurons
 
     hf, stats_dir = concept_model
     rows, concepts = layer_rows(stats_dir)
@@ -273,7 +276,7 @@ def test_most_of_the_top_concept_neurons_steer_their_topic(concept_model):
     baseline = sample(model, tok, "Once upon a time,", 6, 3, 48)
     candidates = steering_candidates(rows, concepts, topic_shares(baseline, concepts), n=5)
     assert len(candidates) == 5 and len({c["topic"] for c in candidates}) == 5
-    result = steering_success(model, tok, candidates, concepts, samples=6, seed=3, max_new_tokens=48,
+    result = steering_success(Neurons(model), tok, candidates, concepts, samples=6, seed=3, max_new_tokens=48,
                               baseline_texts=baseline, progress=False)
     assert result["success"] >= 0.5, [(u["neuron"], u["topic"], u["baseline_share"], u["shares"]) for u in result["units"]]
 
@@ -295,14 +298,14 @@ def test_steer_command_writes_every_offset(concept_model):
 def test_steering_hook_reaches_every_generated_token(tiny_hf):
     """Under the KV cache each new token passes through the block alone; the offset must reach it."""
     from topk_ds import load
-    from topk_ds.analysis.steer import steered
+    from topk_ds.analysis.units import Neurons
 
     model, tok = load(tiny_hf)
     site, seen = model.model.sites()[0], []
     prompt = tok("The chef", return_tensors="pt").input_ids
     with torch.no_grad():
         plain = model.model(prompt)
-        with steered(model, 0, 3, 100.0):
+        with Neurons(model).steered(0, 3, 100.0):
             # registered after the steering hook, so it sees the steered pre-activation
             handle = site.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
             model.generate(prompt, do_sample=False, max_new_tokens=5, min_new_tokens=5)

@@ -59,11 +59,11 @@ def parse_index(text: str) -> int:
 def check_run_neuron(run_dir, layer: int | None, index: int) -> None:
     """Check a neuron against a run's config.yaml (when it has one) before any checkpoint is read."""
     from ..config import load_config
-    from .stats import check_neuron
+    from .units import check_unit
 
     if (Path(run_dir) / "config.yaml").is_file():
         cfg = load_config(str(Path(run_dir) / "config.yaml"))
-        check_neuron(layer, index, cfg.model, cfg.topk)
+        check_unit(layer, index, cfg.model.n_layers, cfg.topk.width(cfg.model))
 
 
 def _is_stats(path: str) -> bool:
@@ -79,17 +79,24 @@ def _concepts(explicit, stats=None):
     return Concepts.load(recorded) if recorded and Path(recorded).exists() else None
 
 
-def _collect(model, tokenizer, a, layers):
+def _units(model):
+    """The units a command studies: the model's own neurons."""
+    from .units import Neurons
+
+    return Neurons(model)
+
+
+def _collect(units, tokenizer, a, layers):
     from .data import token_batches
     from .stats import collect, compute_entropy, memory_bytes
 
-    t = model.model
+    t = units.model.model
     seq_len = a.seq_len or min(t.cfg.max_seq_len, 1024)
     batches = token_batches(a.data, tokenizer, t.cfg.vocab_size, seq_len, a.tokens, max(1, a.batch_tokens // seq_len), a.split)
-    n = len(layers) if layers else t.cfg.n_layers
-    print(f"accumulators for {n} layers: {memory_bytes(t.cfg.vocab_size, t.topk.width(t.cfg), n, a.top_contexts) / 2**20:,.0f} MB",
+    n = len(units.check_layers(layers))
+    print(f"accumulators for {n} layers: {memory_bytes(t.cfg.vocab_size, units.width, n, a.top_contexts) / 2**20:,.0f} MB",
           file=sys.stderr)
-    stats = collect(model, tokenizer, batches, a.tokens, layers, a.top_contexts)
+    stats = collect(units, tokenizer, batches, a.tokens, layers, a.top_contexts)
     compute_entropy(stats, a.percentile, a.threshold, a.bins)
     return stats
 
@@ -108,7 +115,7 @@ def _stats(a):
     check_data(a.data)  # before the model is loaded: a wrong path fails at once
     concepts = Concepts.load(a.concepts) if a.concepts else Concepts.beside(a.data)
     model, tokenizer = load(a.model, tag=a.tag)
-    stats = _collect(model, tokenizer, a, a.layers)
+    stats = _collect(_units(model), tokenizer, a, a.layers)
     stats.meta |= {"model": str(a.model), "data": str(a.data), "split": a.split,
                    "concepts": str(concepts.path.resolve()) if concepts else None}
     stats.save(out)
@@ -150,7 +157,7 @@ def _neuron(a):
     from ..convert.hf_export import load
     from ..io import write_json
     from .report import LayerReport, format_report
-    from .stats import Stats, check_neuron
+    from .stats import Stats
 
     layer, index = parse_neuron(a.neuron)
     if a.data:
@@ -159,12 +166,13 @@ def _neuron(a):
         stats = Stats.load(a.model, layers=[layer])
     else:
         model, tokenizer = load(a.model, tag=a.tag)
-        check_neuron(layer, index, model.model.cfg, model.model.topk)
+        units = _units(model)
+        units.check(layer, index)
         if a.stats:
             stats = Stats.load(a.stats, layers=[layer])
-            stats.check_model(model)
+            stats.check_units(units)
         elif a.data:
-            stats = _collect(model, tokenizer, a, [layer])
+            stats = _collect(units, tokenizer, a, [layer])
         else:
             raise UserError(f"{a.model} is a model: pass --stats DIR (saved by `topk-ds analyze stats`) or --data DATA")
     stats.check_neuron(layer, index)
@@ -220,18 +228,19 @@ def _steer(a):
     from ..convert.hf_export import load
     from ..io import write_json
     from .report import LayerReport
-    from .stats import Stats, check_neuron
+    from .stats import Stats
     from .steer import format_table, steer
 
     layer, index = parse_neuron(a.neuron)
     if a.samples < 1 or a.max_new_tokens < 1:
         raise UserError("--samples and --max-new-tokens must be >= 1")
     model, tokenizer = load(a.model, tag=a.tag)
-    check_neuron(layer, index, model.model.cfg, model.model.topk)
+    units = _units(model)
+    units.check(layer, index)
     stats = None
     if a.stats:
         stats = Stats.load(a.stats, layers=[layer])
-        stats.check_model(model)
+        stats.check_units(units)
     concepts = _concepts(a.concepts, stats)
     topic = a.topic
     if topic is not None and concepts is None:
@@ -240,7 +249,7 @@ def _steer(a):
         if stats is None:
             raise UserError("to score topic words, name the neuron's topic with --topic or pass --stats DIR to label it")
         topic = LayerReport(stats, layer, concepts).summary(index)["topic"]
-    result = steer(model, tokenizer, layer, index, a.offset, a.prompt, a.samples, a.seed, a.max_new_tokens, concepts, topic)
+    result = steer(units, tokenizer, layer, index, a.offset, a.prompt, a.samples, a.seed, a.max_new_tokens, concepts, topic)
     print(format_table(result))
     out = Path(a.out) if a.out else (Path(a.stats) / "steering" / f"{layer}_{index}.json" if a.stats
                                      else Path(f"steer_{layer}_{index}.json"))

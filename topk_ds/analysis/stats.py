@@ -1,7 +1,7 @@
-"""Activation statistics of a model over a token stream: one streaming pass, bounded memory, saved
-so that later commands never run the model again.
+"""Activation statistics of a model's units (analysis.units: its neurons, or an SAE's latents) over a
+token stream: one streaming pass, bounded memory, saved so that later commands never run the model again.
 
-Per analysed layer (V token ids, D neurons, M top contexts of C tokens each):
+Per analysed layer (V token ids, D units, M top contexts of C tokens each):
 
     sums          (V, D)    float32  sum of a_t over the positions t holding token v; abar = sums / counts
     fires         (D,)      int64    positions where the neuron is > 0: firing frequency, L0, dead neurons
@@ -10,28 +10,28 @@ Per analysed layer (V token ids, D neurons, M top contexts of C tokens each):
                                      activating token sits at index `before`
 
 and once: counts (V,) int64, the input embedding (V, E) (for semantic entropy), the vocabulary.
-`a` is the positive part of the output of `sites()[l]`: the output itself for a ReLU TopK layer,
-clamped at 0 per position for dense layers (and identity TopK), so abar >= 0 can be normalised.
+`a` is the positive part of a unit's activation: the output itself for a ReLU TopK layer (and an SAE's
+TopK latents), clamped at 0 per position for dense layers (and identity TopK), so abar >= 0 can be
+normalised.
 
-A TopK layer running at alpha = 0 holds at most k non-zeros per token, and only those k entries are
+A TopK layer running at alpha = 0 (or a TopK SAE) holds at most k non-zeros per token, and only those k entries are
 accumulated (an index-add of N*k values), so the cost grows with k, not D. The top contexts are
 tensors merged per batch: a candidate must beat its neuron's current M-th best, so after the first
 batches almost nothing passes and the merge touches only the few neurons that gained.
 """
 
-import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from ..errors import UserError
 from ..io import atomic_output, write_json
-from ..model.topk import TopK
 from ..progress import progress as progress_of
 from . import entropy
 from .settings import AFTER, BEFORE, TOP
+from .units import run_until_recorded
 
 FORMAT, FORMAT_VERSION = "topk_ds-stats", 1
 ACTIVATION_NOTE = "positive part of each layer's output hidden state (dense layers clamped at 0 per position)"
@@ -107,44 +107,9 @@ class LayerStats:
         self.top_contexts[touched] = contexts.gather(1, which[..., None].expand(-1, -1, contexts.shape[2]))
 
 
-def fingerprint(model) -> dict:
-    """What identifies a model's statistics: its config, alpha, step and a hash of its weights (over
-    names, shapes and up to 65,536 evenly spaced values of every tensor: fast at any size)."""
-    t = model.model
-    h = hashlib.sha256()
-    for name, p in sorted(t.state_dict().items()):
-        flat = p.detach().reshape(-1)
-        h.update(f"{name}{tuple(p.shape)}".encode())
-        h.update(flat[::max(1, flat.numel() // 65536)].float().contiguous().numpy().tobytes())
-    alphas = {m.alpha for m in t.topk_modules()}
-    return {"config": {"model": asdict(t.cfg), "topk": asdict(t.topk)}, "alpha": max(alphas, default=0.0),
-            "train_step": getattr(model.config, "train_step", None), "weights": h.hexdigest()[:20]}
-
-
-def check_layers(layers, n_layers: int) -> list[int]:
-    layers = list(range(n_layers)) if not layers else sorted(set(layers))
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad:
-        raise UserError(f"layer {bad[0]} does not exist: the model has layers 0..{n_layers - 1}")
-    return layers
-
-
-def check_neuron(layer: int | None, index: int, model_cfg, topk_cfg) -> None:
-    """Neuron layer:index (layer None: index alone) against a model's configs."""
-    if layer is not None:
-        check_layers([layer], model_cfg.n_layers)
-    width = topk_cfg.width(model_cfg)
-    if not 0 <= index < width:
-        raise UserError(f"neuron index {index} is out of range: each layer has neurons 0..{width - 1}")
-
-
 def memory_bytes(vocab: int, dim: int, layers: int, top: int = TOP, context: int = BEFORE + 1 + AFTER) -> int:
     """Accumulator memory: sums per layer, the top contexts, and the embedding kept once."""
     return layers * (4 * vocab * dim + 8 * dim + dim * top * (4 + 4 * context)) + 4 * vocab * dim
-
-
-class _Done(Exception):
-    """Raised by the last analysed layer's hook: the rest of the model (and the LM head) is not needed."""
 
 
 def pieces_of(tokenizer, vocab: int) -> list[str]:
@@ -152,30 +117,24 @@ def pieces_of(tokenizer, vocab: int) -> list[str]:
     return tokenizer.convert_ids_to_tokens(list(range(vocab))) if tokenizer is not None else [f"<{i}>" for i in range(vocab)]
 
 
-def collect(model, tokenizer, batches, max_tokens: int, layers=None, top: int = TOP, before: int = BEFORE,
+def collect(units, tokenizer, batches, max_tokens: int, layers=None, top: int = TOP, before: int = BEFORE,
             after: int = AFTER, progress: bool = True) -> "Stats":
-    """One pass of `model` (from `load()`) over `batches` of (B, T) token ids; entropies not yet computed."""
-    t = model.model
-    sites = t.sites()
-    layers = check_layers(layers, len(sites))
-    V, D = t.cfg.vocab_size, t.topk.width(t.cfg)
-    stats = {l: LayerStats.empty(l, V, D, sites[l].k if isinstance(sites[l], TopK) and sites[l].alpha == 0 else None,
-                                 top, before + 1 + after) for l in layers}
+    """One pass over `batches` of (B, T) token ids, reading `units` (analysis.units: the model's neurons or
+    an SAE's latents) at `layers` (default: every layer that has units); entropies not yet computed."""
+    model = units.model
+    layers = units.check_layers(layers)
+    V, D = model.model.cfg.vocab_size, units.width
+    stats = {l: LayerStats.empty(l, V, D, units.sparsity(l), top, before + 1 + after) for l in layers}
     counts = torch.zeros(V, dtype=torch.int64)
     batch = {}
 
-    def hook(l):
-        def record(module, args, out):
-            stats[l].update(out.reshape(-1, D).float(), batch["tokens"], batch["context_of"])
-            if l == layers[-1]:
-                raise _Done
-        return record
+    def record(l, acts):
+        stats[l].update(acts.reshape(-1, D).float(), batch["tokens"], batch["context_of"])
 
-    handles = [sites[l].register_forward_hook(hook(l)) for l in layers]
     seen, T = 0, None
     bar = progress_of(total=max_tokens, desc="stats", unit="tok", unit_scale=True, enabled=progress)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), units.record(layers, record):
             for tokens in batches:
                 T = tokens.shape[1]
                 padded = torch.nn.functional.pad(tokens, (before, after), value=-1).to(torch.int32)
@@ -183,23 +142,17 @@ def collect(model, tokenizer, batches, max_tokens: int, layers=None, top: int = 
                 batch["tokens"] = tokens.reshape(-1)
                 batch["context_of"] = lambda pos, w=windows, T=T: w[pos // T, pos % T]
                 counts += torch.bincount(batch["tokens"], minlength=V)
-                try:
-                    t(tokens)
-                except _Done:
-                    pass
+                run_until_recorded(model, tokens)
                 seen += tokens.numel()
                 bar.update(tokens.numel())
     finally:
         bar.close()
-        for h in handles:
-            h.remove()
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fingerprint(model), "tokens": seen,
-            "seq_len": T, "vocab_size": V, "dim": D, "n_layers": len(sites), "context_before": before,
-            "context_after": after, "top_contexts": top, "activation": ACTIVATION_NOTE,
-            "layers": [{"layer": l, "kind": "topk" if isinstance(sites[l], TopK) else "dense",
-                        "k": sites[l].k if isinstance(sites[l], TopK) else None,
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "units": units.name, "fingerprint": units.fingerprint(),
+            "tokens": seen, "seq_len": T, "vocab_size": V, "dim": D, "n_layers": model.model.cfg.n_layers,
+            "context_before": before, "context_after": after, "top_contexts": top, "activation": ACTIVATION_NOTE,
+            "layers": [{"layer": l, "kind": units.kind(l), "k": units.sparsity(l),
                         "accumulation": "sparse" if stats[l].k is not None else "dense"} for l in layers]}
-    return Stats(meta, counts, t.tok_embeddings.weight.detach().float().clone(), stats, pieces_of(tokenizer, V))
+    return Stats(meta, counts, model.model.tok_embeddings.weight.detach().float().clone(), stats, pieces_of(tokenizer, V))
 
 
 def compute_entropy(stats: "Stats", percentile: float = entropy.PERCENTILE, ratio: float = entropy.THRESHOLD_RATIO,
@@ -254,20 +207,23 @@ class Stats:
                     "no_semantic_entropy": int(se.isnan().sum())}
         return out
 
-    def check_model(self, model) -> None:
-        """Refuse statistics that were computed from another model (or the same one at another alpha)."""
-        mine, theirs = self.meta["fingerprint"], fingerprint(model)
+    def check_units(self, units) -> None:
+        """Refuse statistics that were computed from other units: another model (or the same one at another
+        alpha), or another SAE."""
+        mine, theirs = self.meta["fingerprint"], units.fingerprint()
         if mine != theirs:
-            what = next(k for k in ("weights", "config", "alpha", "train_step") if mine.get(k) != theirs.get(k))
-            raise UserError(f"the statistics at {self.path} come from another model ({what} differ: step "
+            what = next(k for k in sorted(set(mine) | set(theirs), key=lambda k: k != "weights")
+                        if mine.get(k) != theirs.get(k))
+            raise UserError(f"the statistics at {self.path} come from another {'SAE' if what == 'sae' else 'model'} "
+                            f"({what} differ: step "
                             f"{mine.get('train_step')}, weights {mine['weights']} vs this model's step "
                             f"{theirs.get('train_step')}, weights {theirs['weights']}); recompute them with "
                             f"`topk-ds analyze stats`")
 
     def check_neuron(self, l: int, i: int) -> None:
-        ls = self.layer(l)
+        ls, name = self.layer(l), self.meta.get("units", "neuron")
         if not 0 <= i < ls.dim:
-            raise UserError(f"neuron index {i} is out of range: layer {l} has neurons 0..{ls.dim - 1}")
+            raise UserError(f"{name} index {i} is out of range: layer {l} has {name}s 0..{ls.dim - 1}")
 
     def save(self, out: Path) -> Path:
         from safetensors.torch import save_file

@@ -1,8 +1,9 @@
-"""Concept steering (the paper's Section 4): add an offset c to one neuron's pre-activation,
-z_{l,i,t} <- z_{l,i,t} + c, at every position: the prompt, and every generated token (under the KV
-cache each generated token passes through the model alone, and the hook sees it). Sampling follows
-the paper: temperature 0.7, top-p 0.9, top-k 50, from "Once upon a time,". Every offset is sampled
-with the same seed as the unsteered baseline, so the texts differ only by the intervention."""
+"""Concept steering (the paper's Section 4): push one unit by an offset c at every position: the prompt,
+and every generated token (under the KV cache each generated token passes through the model alone, and
+the hook sees it). For a neuron that is z_{l,i,t} <- z_{l,i,t} + c on its pre-activation; how other
+units are pushed is theirs to say (`Units.steered`). Sampling follows the paper: temperature 0.7,
+top-p 0.9, top-k 50, from "Once upon a time,". Every offset is sampled with the same seed as the
+unsteered baseline, so the texts differ only by the intervention."""
 
 import contextlib
 
@@ -11,22 +12,6 @@ from ..convert.hf_export import GENERATION_DEFAULTS
 from ..errors import UserError
 from ..progress import progress as progress_of
 from .settings import PROMPT
-
-
-@contextlib.contextmanager
-def steered(model, layer: int, index: int, offset: float):
-    """Within the block, neuron layer:index of `model` (a TopKLlamaForCausalLM) gets `offset` added to
-    its pre-activation at every position."""
-    def add(module, args):
-        x = args[0].clone()
-        x[..., index] += offset
-        return (x, *args[1:])
-
-    handle = model.model.sites()[layer].register_forward_pre_hook(add)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def sample(model, tokenizer, prompt: str, samples: int, seed: int, max_new_tokens: int) -> list[str]:
@@ -70,21 +55,21 @@ def steering_candidates(rows: list[dict], concepts, baseline: dict[str, float], 
     return chosen
 
 
-def steering_success(model, tokenizer, candidates: list[dict], concepts, scales=(1.0, 2.0), min_gain: float = 0.2,
+def steering_success(units, tokenizer, candidates: list[dict], concepts, scales=(1.0, 2.0), min_gain: float = 0.2,
                      prompt: str = PROMPT, samples: int = 6, seed: int = 0, max_new_tokens: int = 48,
                      baseline_texts: list[str] | None = None, progress: bool = True) -> dict:
     """Steer each candidate (rows with layer, index, topic, max_activation) at `scales` times its largest
     activation; a unit succeeds when at some scale its topic's share of generated content words rises by
     at least `min_gain` over the unsteered baseline (same prompt, seed and sampling for every unit)."""
     if baseline_texts is None:
-        baseline_texts = sample(model, tokenizer, prompt, samples, seed, max_new_tokens)
+        baseline_texts = sample(units.model, tokenizer, prompt, samples, seed, max_new_tokens)
     baseline = topic_shares(baseline_texts, concepts)
     units = []
     for r in progress_of(candidates, desc="steering success", unit="unit", enabled=progress):
         shares = {}
         for scale in scales:
-            with steered(model, r["layer"], r["index"], scale * r["max_activation"]):
-                texts = sample(model, tokenizer, prompt, samples, seed, max_new_tokens)
+            with units.steered(r["layer"], r["index"], scale * r["max_activation"]):
+                texts = sample(units.model, tokenizer, prompt, samples, seed, max_new_tokens)
             hits, words = concepts.share(texts, r["topic"])
             shares[scale] = hits / words if words else 0.0
         gain = max(shares.values()) - baseline[r["topic"]]
@@ -95,7 +80,7 @@ def steering_success(model, tokenizer, candidates: list[dict], concepts, scales=
             "success": sum(u["success"] for u in units) / len(units) if units else 0.0}
 
 
-def steer(model, tokenizer, layer: int, index: int, offsets: list[float], prompt: str = PROMPT, samples: int = 5,
+def steer(units, tokenizer, layer: int, index: int, offsets: list[float], prompt: str = PROMPT, samples: int = 5,
           seed: int = 0, max_new_tokens: int = 128, concepts=None, topic: str | None = None,
           progress: bool = True) -> dict:
     """Texts per offset, the unsteered baseline (offset 0) first; with concepts and a topic, the share of
@@ -106,14 +91,14 @@ def steer(model, tokenizer, layer: int, index: int, offsets: list[float], prompt
         raise UserError(f"unknown topic '{topic}'; {concepts.path} has {', '.join(concepts.names)}")
     rows = []
     for offset in progress_of([0.0] + [c for c in offsets if c != 0], desc="steer", unit="offset", enabled=progress):
-        with steered(model, layer, index, offset) if offset else contextlib.nullcontext():
-            texts = sample(model, tokenizer, prompt, samples, seed, max_new_tokens)
+        with units.steered(layer, index, offset) if offset else contextlib.nullcontext():
+            texts = sample(units.model, tokenizer, prompt, samples, seed, max_new_tokens)
         row = {"offset": offset, "texts": texts}
         if topic is not None:
             hits, words = concepts.share(texts, topic)
             row |= {"topic_words": hits, "content_words": words, "share": hits / words if words else 0.0}
         rows.append(row)
-    return {"neuron": f"{layer}:{index}", "prompt": prompt, "samples": samples, "seed": seed,
+    return {"neuron": f"{layer}:{index}", "units": units.name, "prompt": prompt, "samples": samples, "seed": seed,
             "max_new_tokens": max_new_tokens, "sampling": {k: v for k, v in GENERATION_DEFAULTS.items() if k != "max_new_tokens"},
             "topic": topic, "offsets": rows}
 

@@ -16,7 +16,8 @@ from ..errors import UserError
 from ..progress import progress as progress_of
 from .data import token_batches
 from .settings import TRACE_TOKENS
-from .stats import check_neuron, collect, compute_entropy
+from .stats import collect, compute_entropy
+from .units import Neurons, run_until_recorded
 
 
 def run_data(run_dir, data=None, seq_len=None) -> tuple[str, int]:
@@ -51,34 +52,27 @@ def trace_neuron(run_dir, index: int, word: str, data=None, tokens: int = TRACE_
     data, seq_len = run_data(run_dir, data, seq_len)
     steps, mean, overall, count, tid = [], [], [], 0, None
     for step, model, tokenizer in _checkpoints(run_dir, progress):
-        t = model.model
         if tokenizer is None:
             raise UserError(f"{run_dir}: no tokenizer found for the run (its data.path/tokenizer)")
         tid = token_id(tokenizer, word) if tid is None else tid
-        check_neuron(None, index, t.cfg, t.topk)
-        sites = t.sites()
-        on_word, everywhere = torch.zeros(len(sites), dtype=torch.float64), torch.zeros(len(sites), dtype=torch.float64)
+        units = Neurons(model)
+        units.check(None, index)
+        n = model.model.cfg.n_layers
+        on_word, everywhere = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
         current = {}
 
-        def hook(l):
-            def record(module, args, out):
-                a = out[..., index].clamp(min=0).double()
-                on_word[l] += a[current["mask"]].sum()
-                everywhere[l] += a.sum()
-            return record
+        def record(l, acts):
+            a = acts[..., index].clamp(min=0).double()
+            on_word[l] += a[current["mask"]].sum()
+            everywhere[l] += a.sum()
 
-        handles = [s.register_forward_hook(hook(l)) for l, s in enumerate(sites)]
         seen, count = 0, 0
-        try:
-            with torch.inference_mode():
-                for window in token_batches(data, tokenizer, t.cfg.vocab_size, seq_len, tokens, batch):
-                    current["mask"] = window == tid
-                    count += int(current["mask"].sum())
-                    seen += window.numel()
-                    t(window)
-        finally:
-            for h in handles:
-                h.remove()
+        with torch.inference_mode(), units.record(units.layers, record):
+            for window in token_batches(data, tokenizer, model.model.cfg.vocab_size, seq_len, tokens, batch):
+                current["mask"] = window == tid
+                count += int(current["mask"].sum())
+                seen += window.numel()
+                run_until_recorded(model, window)
         if count == 0:
             raise UserError(f"'{word}' does not occur in the first {seen:,} tokens of {data}; pass more --tokens or other --data")
         steps.append(step)
@@ -94,7 +88,7 @@ def trace_entropy(run_dir, data=None, tokens: int = TRACE_TOKENS, seq_len=None, 
     data, seq_len = run_data(run_dir, data, seq_len)
     steps, layers = [], None
     for step, model, tokenizer in _checkpoints(run_dir, progress):
-        stats = collect(model, tokenizer, token_batches(data, tokenizer, model.model.cfg.vocab_size, seq_len, tokens, batch),
+        stats = collect(Neurons(model), tokenizer, token_batches(data, tokenizer, model.model.cfg.vocab_size, seq_len, tokens, batch),
                         tokens, top=0, progress=False)
         compute_entropy(stats, progress=False)
         if layers is None:

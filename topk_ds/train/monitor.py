@@ -8,10 +8,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from ..model.topk import TopK
+
 from ..progress import progress
-from .distributed import mean_over_ranks
+from .health import TopKHealth
 
 # Dense bf16 peak of one GPU (FLOP/s), by a substring of torch.cuda.get_device_name().
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -37,47 +36,6 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
                 return peak, f"{key} datasheet, dense bf16"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return measured_peak(device, dtype), f"measured {precision} matmul on {device.type}"
-
-
-class TopKHealth:
-    """Forward hooks on every TopK site, counting only training forwards."""
-
-    def __init__(self, model, window: int):
-        self.window = window
-        self.layers = [i for i, site in enumerate(model.sites()) if isinstance(site, TopK)]
-        self.l0 = torch.zeros(len(self.layers), dtype=torch.float64)
-        self.tokens = torch.zeros(len(self.layers), dtype=torch.float64)
-        self.fired: list[torch.Tensor | None] = [None] * len(self.layers)
-        sites = model.sites()
-        for j, layer in enumerate(self.layers):
-            sites[layer].register_forward_hook(self._hook(j))
-
-    def _hook(self, j):
-        def record(module, inputs, out):
-            if not module.training:
-                return
-            nonzero = out.detach().flatten(0, -2) != 0  # (tokens, width)
-            self.l0[j] += nonzero.sum().item()
-            self.tokens[j] += nonzero.shape[0]
-            fired = nonzero.any(0)
-            self.fired[j] = fired if self.fired[j] is None else self.fired[j] | fired
-        return record
-
-    def collect(self, step: int, device) -> dict:
-        """Mean L0 of the step's tokens per layer; at the end of a window, the never-fired share."""
-        if not self.layers:
-            return {}
-        l0 = mean_over_ranks((self.l0 / self.tokens.clamp(min=1)).to(device)).cpu()
-        out = {f"topk/l0/layer{i}": float(v) for i, v in zip(self.layers, l0)}
-        self.l0.zero_(), self.tokens.zero_()
-        if step % self.window == 0 and all(f is not None for f in self.fired):
-            fired = torch.stack(self.fired).to(device=device, dtype=torch.uint8)
-            if dist.is_initialized():
-                dist.all_reduce(fired, op=dist.ReduceOp.MAX)
-            dead = 1.0 - fired.float().mean(dim=1).cpu()
-            out |= {f"topk/dead/layer{i}": float(v) for i, v in zip(self.layers, dead)}
-            self.fired = [None] * len(self.layers)
-        return out
 
 
 def truncate_metrics(path: Path, step: int) -> None:
