@@ -10,11 +10,11 @@ import torch
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from conftest import run_cli
 from test_model import V, copy_into_hf_llama, tiny
-from topk_ds.config import load_config
-from topk_ds.errors import UserError
 from topk_ds.model import TopKConfig, Transformer
 from topk_ds.model.llama import rope_frequencies
+from topk_ds.train.distributed import free_port
 
 # Each scheme as transformers names and parameterises it, stretching a 16-token training context to 64.
 SCALINGS = {
@@ -102,3 +102,63 @@ def test_bad_rope_scaling_is_one_line(scaling, message, capsys):
         main(["config", "show", "--config", "tiny", "--set", f"model.rope_scaling={scaling}"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
+
+
+# --- sequence parallelism (DeepSpeed-Ulysses) -------------------------------------------------------------
+
+def test_ulysses_gives_the_whole_sequence_loss_and_gradients_and_topk_adds_no_communication():
+    from topk_ds.train.distributed import free_port
+
+    from ulysses_worker import run
+
+    torch.multiprocessing.spawn(run, args=(free_port(),), nprocs=2)
+
+
+def metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_sequence_parallel_training_resumes_exactly_and_onto_one_rank(synthetic_data, tmp_path):
+    """2 ranks at sequence_parallel=2 (one data-parallel rank): trains; a resume from its step-4
+    checkpoint repeats steps 5-8 bit for bit; its universal checkpoint resumes on 1 rank without sequence
+    parallelism (same global batch) with the same losses and gradient norms within fp32 tolerance."""
+    import shutil
+
+    common = ["--config", "tiny", "--set", f"data.path={synthetic_data[1]}", "--set", "train.steps=8", "--set",
+              "train.save_every=4", "--set", "train.eval_every=4", "--set", "topk.anneal_ratio=0.5"]
+    run = tmp_path / "sp2"
+
+    def two_ranks(out, *extra):
+        proc = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+                               "topk_ds.train", *common, "--set", f"train.out_dir={out}", "--set",
+                               "train.sequence_parallel=2", *extra], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    two_ranks(run)
+    straight = metrics(run)
+    assert len(straight) == 8 and straight[-1]["loss"] < straight[0]["loss"] - 0.3
+    assert all(r["tokens"] == (i + 1) * 8 * 64 for i, r in enumerate(straight))  # 8 sequences of 64 per step
+    assert "2 ranks (1 data-parallel x 2 sequence-parallel)" in (run / "train.log").read_text()
+    assert len(list((run / "checkpoints/global_step4").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints/global_step8")
+    two_ranks(resumed, "--resume", "auto")
+    assert [(r["loss"], r["grad_norm"], r["alpha"]) for r in metrics(resumed)] == \
+        [(r["loss"], r["grad_norm"], r["alpha"]) for r in straight]
+
+    universal = tmp_path / "universal"
+    shutil.copytree(resumed, universal)
+    shutil.rmtree(universal / "checkpoints/global_step8")
+    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
+                    "--input_folder", str(universal / "checkpoints/global_step4"), "--output_folder",
+                    str(universal / "checkpoints/global_step4_universal")], check=True, capture_output=True, timeout=300)
+    run_cli("train", *common, "--set", f"train.out_dir={universal}", "--resume",
+            universal / "checkpoints/global_step4_universal")
+    one = metrics(universal)
+    assert [r["step"] for r in one] == list(range(1, 9))
+    for a, b in zip(straight[4:], one[4:]):
+        assert a["tokens"] == b["tokens"] and a["alpha"] == b["alpha"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)

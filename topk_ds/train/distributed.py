@@ -52,13 +52,14 @@ def world_size() -> int:
 
 
 def data_parallel(sequence_parallel: int) -> tuple[int, int]:
-    """(this rank's data-parallel index, data-parallel ranks). The N ranks of a sequence-parallel group are
+    """(this rank's data-parallel index, data-parallel ranks), from the launcher's variables (discover_ranks),
+    so a bad degree is refused before any process group exists. The N ranks of a sequence-parallel group are
     consecutive, as DeepSpeed groups them, and share one index, so the sampler hands them the same sequences."""
-    world = world_size()
+    world, rank_ = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world % sequence_parallel:
         raise UserError(f"train.sequence_parallel={sequence_parallel} does not divide the {world} ranks; launch a "
                         f"multiple of {sequence_parallel} ranks or choose a divisor of {world}")
-    return rank() // sequence_parallel, world // sequence_parallel
+    return rank_ // sequence_parallel, world // sequence_parallel
 
 
 def barrier() -> None:

@@ -44,13 +44,13 @@ def validation_batches(val: TokenWindows, cfg: Config) -> list[torch.Tensor]:
 
 
 def train(cfg: Config, resume: str = "none") -> Path:
+    dp_rank, dp_world = data_parallel(cfg.train.sequence_parallel)
     init_distributed()
     run_dir = Path(cfg.train.out_dir)
     data, val = open_data(cfg)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.save_every, cfg.train.keep_last,
                                 is_writer=int(os.environ.get("LOCAL_RANK", 0)) == 0)
     start = checkpointer.resolve(resume, log=print if rank() == 0 else lambda m: None)
-    dp_rank, dp_world = data_parallel(cfg.train.sequence_parallel)
     engine = Engine(cfg, run_dir, universal=start is not None and is_universal(start))
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dp_world
     if rank() == 0:
