@@ -26,7 +26,9 @@ setup(
     ],
     extras_require={
         "mpi": ["openmpi", "mpi4py>=4"],
-        "test": ["pytest>=8", "openmpi", "mpi4py>=4"],
+        # the interpretability tools our exports are tested with (tests/test_interop.py); sae-lens pulls
+        # transformer-lens, plotly and statsmodels but changes none of our pins
+        "test": ["pytest>=8", "openmpi", "mpi4py>=4", "nnsight==0.8.1", "eai-sparsify==1.3.3", "sae-lens==6.54.12"],
         "dev": ["pytest>=8", "openmpi", "mpi4py>=4", "ruff"],
     },
     entry_points={"console_scripts": ["topk-ds=topk_ds.cli:main"]},

@@ -29,7 +29,7 @@ D, K, V, N = 1024, 64, 32000, 8192
 
 def _accumulate(sparse: bool, batches: int, vocab: int, queue) -> None:
     """In a fresh process: tokens/s and resident-set growth (bytes) of one layer's accumulation."""
-    from topk_ds.analysis.stats import LayerStats
+    from topk_ds.analysis.stats import LayerStats, windows
     from topk_ds.model.topk import topk_activation
 
     torch.set_num_threads(2)
@@ -37,13 +37,16 @@ def _accumulate(sparse: bool, batches: int, vocab: int, queue) -> None:
     inputs = [(topk_activation(torch.randn(N, D, generator=g), K), torch.randint(0, V, (N,), generator=g))
               for _ in range(batches + 1)]
     inputs = [(acts, tokens % vocab) for acts, tokens in inputs]
-    contexts = torch.zeros(N, 21, dtype=torch.int32)
+
+    def window_of(positions):  # in sequences of 1024 tokens
+        return windows(positions, 1024, 16, 4)
+
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     ls = LayerStats.empty(0, vocab, D, K if sparse else None)
-    ls.update(*inputs[0], lambda pos: contexts[pos])  # warm up (and fill the top lists)
+    ls.update(*inputs[0], window_of)  # warm up (and fill the top lists)
     start = time.perf_counter()
     for acts, tokens in inputs[1:]:
-        ls.update(acts, tokens, lambda pos: contexts[pos])
+        ls.update(acts, tokens, window_of)
     rate = batches * N / (time.perf_counter() - start)
     queue.put((rate, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base))
 

@@ -103,6 +103,35 @@ def tiny_hf(tiny_run):
     return tiny_run / "hf" / f"global_step{RUN_STEPS}"
 
 
+# The concept-forming pair: the demo preset's TopK model (D=128, k=16) and its dense twin, each trained on one
+# rank for 400 steps of 16 x 128 tokens at a constant learning rate after warmup (long enough for topic neurons
+# to form; the tiny run's 300 x 8 x 64 tokens are not), with checkpoints at steps 200 and 400, converted.
+CONCEPT_STEPS, STATS_TOKENS = 400, 64_000  # statistics over whole windows of 64
+
+
+def train_concept_model(data, root, config):
+    train_tiny(data, root / "run", f"train.steps={CONCEPT_STEPS}", "train.micro_batch=16", "train.min_lr_ratio=1.0",
+               f"train.save_every={CONCEPT_STEPS // 2}", "train.eval_every=0", config=config)
+    run_cli("convert", root / "run", root / "hf")
+    return root / "hf"
+
+
+@pytest.fixture(scope="session")
+def concept_model(synthetic_data, tmp_path_factory):
+    """The TopK model, with statistics. Returns (converted model, statistics); its run is beside them."""
+    root = tmp_path_factory.mktemp("concept")
+    hf = train_concept_model(synthetic_data[1], root, "demo")
+    run_cli("analyze", "stats", hf, "--data", synthetic_data[1], "--tokens", STATS_TOKENS, "--seq-len", 128,
+            "--out", root / "stats")
+    return hf, root / "stats"
+
+
+@pytest.fixture(scope="session")
+def concept_dense(synthetic_data, tmp_path_factory):
+    """The TopK model's dense twin (`config="demo-dense"`). Returns the converted model; its run is beside it."""
+    return train_concept_model(synthetic_data[1], tmp_path_factory.mktemp("concept-dense"), "demo-dense")
+
+
 def assert_converts_with_parity(tag, out):
     """`topk-ds convert` of one DeepSpeed tag; the converted model's logits equal the training model
     class's (Transformer) with the checkpoint's fp32 weights as DeepSpeed consolidates them."""
@@ -122,3 +151,40 @@ def assert_converts_with_parity(tag, out):
     with torch.no_grad():
         expected, got = reference(ids), converted(ids).logits
     assert got.dtype == torch.float32 and (got - expected).abs().max().item() <= 1e-5
+
+
+def cli_main(capsys, *args) -> tuple[int, str, str]:
+    """`topk-ds ARGS` in this process (no interpreter start-up, for tests of what a command says):
+    (exit status, stdout, stderr). Use run_cli where a real process matters (signals, limits, launchers)."""
+    from topk_ds.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error(result, *words) -> str:
+    """A failed command (from cli_main or run_cli): exit != 0, no traceback, exactly one error line on stderr,
+    ours, naming every word (progress lines may come before it). Returns that line."""
+    code, out, err = (result.returncode, result.stdout, result.stderr) if hasattr(result, "returncode") else result
+    assert code not in (0, None), out
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in err and len(errors) == 1 and errors[0].startswith("topk-ds"), err
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="session")
+def stats_dir(tiny_hf, synthetic_data, tmp_path_factory):
+    """`topk-ds analyze stats` of the tiny run's converted model over its training data."""
+    out = tmp_path_factory.mktemp("stats") / "tiny"
+    proc = run_cli("analyze", "stats", tiny_hf, "--data", synthetic_data[1], "--tokens", STATS_TOKENS, "--seq-len", 64,
+                   "--out", out)
+    assert f"over {STATS_TOKENS:,} tokens" in proc.stdout
+    return out

@@ -4,15 +4,14 @@ a planted topic, and steering with it), tracing over checkpoints, the browser, a
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import RUN_SAVE_EVERY, RUN_STEPS, run_cli, train_tiny
+from conftest import RUN_SAVE_EVERY, RUN_STEPS, STATS_TOKENS, run_cli
 from test_eval import assert_clean_failure
-
-STATS_TOKENS = 64_000  # whole windows of 64
 
 
 # --- entropies against a naive reference -----------------------------------------------------------
@@ -109,52 +108,55 @@ def test_top_tokens_are_only_tokens_the_neuron_fires_on():
 
 # --- accumulation ------------------------------------------------------------------------------------
 
-def accumulate(k, acts_batches, tokens_batches, contexts, top=5):
-    from topk_ds.analysis.stats import LayerStats
+def accumulate(k, acts_batches, tokens_batches, top=5, before=1, after=1):
+    """Each batch one sequence, so a context window stops at its batch's ends."""
+    from topk_ds.analysis.stats import LayerStats, windows
 
     V, D = 30, acts_batches[0].shape[1]
-    ls = LayerStats.empty(0, V, D, k, top=top, context=contexts.shape[-1])
-    offset = 0
+    ls = LayerStats.empty(0, V, D, k, top=top, context=before + 1 + after)
     for acts, tokens in zip(acts_batches, tokens_batches):
-        ls.update(acts, tokens, lambda pos, o=offset: contexts[o + pos])
-        offset += len(acts)
+        ls.update(acts, tokens, lambda pos, T=len(acts): windows(pos, T, before, after))
     return ls
 
 
 def test_sparse_and_dense_accumulation_agree_with_brute_force():
     """A TopK layer's output accumulated on its k indices only equals the dense accumulation, and the
-    streamed top contexts equal the best activations over all positions."""
+    streamed top contexts (tokens and the neuron's activation at each) equal those of the best activations
+    over all positions; the histogram counts every non-zero activation in its bin."""
+    from topk_ds.analysis.stats import histogram_edges
     from topk_ds.model.topk import topk_activation
 
     g = torch.Generator().manual_seed(2)
     N, D, k, V = 400, 48, 6, 30
-    acts = topk_activation(torch.randn(N, D, generator=g), k)  # <= k non-zeros per row
+    acts = topk_activation(torch.randn(N, D, generator=g) * 3, k)  # <= k non-zeros per row
     tokens = torch.randint(0, V, (N,), generator=g)
-    contexts = torch.arange(N * 3, dtype=torch.int32).view(N, 3)  # a context that names its position
     batches = [slice(0, 70), slice(70, 250), slice(250, N)]
-    sparse = accumulate(k, [acts[b] for b in batches], [tokens[b] for b in batches], contexts)
-    dense = accumulate(None, [acts[b] for b in batches], [tokens[b] for b in batches], contexts)
+    sparse = accumulate(k, [acts[b] for b in batches], [tokens[b] for b in batches])
+    dense = accumulate(None, [acts[b] for b in batches], [tokens[b] for b in batches])
 
     expected = torch.zeros(V, D).index_add_(0, tokens, acts)
     torch.testing.assert_close(sparse.sums, expected)
     torch.testing.assert_close(dense.sums, expected)
     assert torch.equal(sparse.fires, (acts > 0).sum(0)) and torch.equal(dense.fires, sparse.fires)
+    edges = histogram_edges()
+    for d in range(D):  # brute force: every non-zero in the bin whose edges hold it (the ends catch the rest)
+        values = acts[:, d][acts[:, d] > 0].double()
+        bins = [max(0, min(len(edges) - 2, int((edges <= v).sum()) - 1)) for v in values]
+        expected_hist = torch.bincount(torch.tensor(bins, dtype=torch.int64), minlength=len(edges) - 1)
+        assert torch.equal(sparse.histogram[d], expected_hist) and torch.equal(dense.histogram[d], expected_hist)
+    # each position's window of tokens and activations, cut at its batch's ends
+    batch_of = torch.cat([torch.full((b.stop - b.start,), j) for j, b in enumerate(batches)])
+    around = torch.arange(N)[:, None] + torch.arange(-1, 2)
+    inside = (around >= 0) & (around < N) & (batch_of[around.clamp(0, N - 1)] == batch_of[:, None])
     best, where = acts.topk(5, dim=0)  # (5, D)
     for ls in (sparse, dense):
         torch.testing.assert_close(ls.top_values, best.T.clamp(min=0))
         live = best.T > 0
-        assert torch.equal(ls.top_contexts[live], contexts[where.T[live]])
-        assert (ls.top_contexts[~live] == -1).all()
-
-
-@pytest.fixture(scope="module")
-def stats_dir(tiny_hf, synthetic_data, tmp_path_factory):
-    """`topk-ds analyze stats` of the tiny run's converted model over its training data."""
-    out = tmp_path_factory.mktemp("stats") / "tiny"
-    proc = run_cli("analyze", "stats", tiny_hf, "--data", synthetic_data[1], "--tokens", STATS_TOKENS, "--seq-len", 64,
-                   "--out", out)
-    assert f"over {STATS_TOKENS:,} tokens" in proc.stdout
-    return out
+        at = where.T[live]  # (n,) positions of the live top activations
+        assert torch.equal(ls.top_contexts[live], torch.where(inside[at], tokens[around[at].clamp(0, N - 1)], -1).int())
+        neuron = torch.arange(D).expand(5, D).T[live]
+        torch.testing.assert_close(ls.top_acts[live], torch.where(inside[at], acts[around[at].clamp(0, N - 1), neuron[:, None]], 0.0))
+        assert (ls.top_contexts[~live] == -1).all() and (ls.top_acts[~live] == 0).all()
 
 
 def test_stats_file_contents_and_round_trip(stats_dir, tiny_hf, synthetic_data):
@@ -213,20 +215,6 @@ def test_collect_equals_a_dense_reference_on_the_model(tiny_hf, synthetic_data):
 
 
 # --- ground truth on the synthetic corpus -----------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def concept_model(synthetic_data, tmp_path_factory):
-    """The demo preset's TopK model (D=128, k=16) trained on one rank for 400 steps of 16 x 128 tokens at
-    a constant learning rate after warmup, converted, with statistics: long enough for topic neurons
-    to form (the tiny run's 300 x 8 x 64 tokens are not). Returns (converted model, statistics)."""
-    root = tmp_path_factory.mktemp("concept")
-    train_tiny(synthetic_data[1], root / "run", "train.steps=400", "train.micro_batch=16", "train.min_lr_ratio=1.0",
-               "train.save_every=400", "train.eval_every=0", config="demo")
-    run_cli("convert", root / "run", root / "hf")
-    run_cli("analyze", "stats", root / "hf", "--data", synthetic_data[1], "--tokens", STATS_TOKENS, "--seq-len", 128,
-            "--out", root / "stats")
-    return root / "hf", root / "stats"
-
 
 def layer_rows(stats_dir, layers=(0, 1)):
     """LayerReport rows of every neuron of the given layers, labelled with the planted topics."""
@@ -357,9 +345,10 @@ def test_browser_is_self_contained(stats_dir, tmp_path):
     dims = [ls.dim for ls in Stats.load(stats_dir).layers.values()]
     pages = list((site / "neurons").glob("*.html"))
     assert len(pages) == sum(dims) and f"({sum(dims)} neuron pages)" in proc.stdout
-    for page in [site / "index.html", site / "layer0.html", *pages[:50]]:
+    for page in [site / "index.html", site / "layer0.html", *pages[:50]]:  # every reference a file of the site
         html = page.read_text()
-        assert "http://" not in html and "https://" not in html and "<script src" not in html
+        assert "http://" not in html and "https://" not in html
+        assert all((page.parent / ref).is_file() for ref in re.findall(r'(?:src|href)="([^"#?]+)', html))
     layer = (site / "layer0.html").read_text()
     assert "<th>token entropy</th>" in layer and "<th>topic</th>" in layer and "neurons/0_0.html" in layer
     assert "unsteered" not in (site / "neurons" / "0_3.html").read_text()

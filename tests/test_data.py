@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import assert_one_error, cli_main
 
 from topk_ds.data.dataset import GlobalSampler, TokenWindows, _epoch_seed, read_manifest, tokenizer_dir
 from topk_ds.data.prepare import ShardWriter, goes_to_val, prepare, token_dtype
@@ -25,17 +26,6 @@ def stream(data, split: str) -> np.ndarray:
     dtype = np.dtype(m["dtype"]).newbyteorder("<")
     parts = [np.fromfile(data / s["file"], dtype=dtype) for s in m["splits"][split]["shards"]]
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-
-def cli(*argv):
-    return subprocess.run([sys.executable, "-m", "topk_ds.cli", *map(str, argv)], capture_output=True, text=True)
-
-
-def assert_one_line_error(r, *needles):
-    assert r.returncode != 0, r.stdout
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert all(n in lines[0] for n in needles), lines[0]
 
 
 def assert_nothing_written(out):
@@ -193,11 +183,12 @@ def test_uint32_shards_for_big_vocabularies(prepared_data, tmp_path):
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
     data = shutil.copytree(prepared_data, tmp_path / "d")
     m = read_manifest(data)
-    tokens = stream(data, "train").astype("<u4")
-    tokens.tofile(data / "wide.bin")
+    for split in ("train", "val"):
+        tokens = stream(data, split).astype("<u4")
+        tokens.tofile(data / f"wide-{split}.bin")
+        m["splits"][split] = {"tokens": len(tokens), "shards": [{"file": f"wide-{split}.bin", "tokens": len(tokens),
+                              "bytes": 4 * len(tokens), "sha256": sha256_file(data / f"wide-{split}.bin")}]}
     m["dtype"] = "uint32"
-    m["splits"]["train"] = {"tokens": len(tokens), "shards": [{"file": "wide.bin", "tokens": len(tokens),
-                            "bytes": 4 * len(tokens), "sha256": sha256_file(data / "wide.bin")}]}
     write_json(data / "manifest.json", m)
     wide, narrow = TokenWindows(data, seq_len=64, verify=True), TokenWindows(prepared_data, seq_len=64)
     assert len(wide) == len(narrow) and torch.equal(wide.batch([0, 62, 99]), narrow.batch([0, 62, 99]))
@@ -244,6 +235,50 @@ def test_read_manifest_refuses_missing_corrupt_and_other_versions(prepared_data,
     write_json(tmp_path / "manifest.json", {**m, "splits": {"train": {}}})
     with pytest.raises(UserError, match="corrupt"):
         read_manifest(tmp_path)
+
+
+def _shard(m):
+    return m["splits"]["train"]["shards"][0]
+
+
+def _shrink_first_shard(m, by=1000):
+    """Every count of the manifest made consistent with a first shard `by` tokens shorter than its file."""
+    _shard(m).update(tokens=_shard(m)["tokens"] - by, bytes=_shard(m)["bytes"] - 2 * by)
+    m["splits"]["train"]["tokens"] -= by
+    m["tokens"]["train"] -= by
+    m["tokens"]["total"] -= by
+
+
+# (edit of the manifest with every byte of the data unchanged, words of the line that catches it,
+#  whether opening the data for training already refuses it)
+MANIFEST_EDITS = {
+    "shard tokens": (lambda m: _shard(m).update(tokens=_shard(m)["tokens"] - 10), ["train-00000.bin", "bytes"], True),
+    "every count": (_shrink_first_shard, ["train-00000.bin", "truncated"], True),
+    "dtype": (lambda m: m.update(dtype="uint32"), ["uint32", "bytes"], True),
+    "dtype unknown": (lambda m: m.update(dtype="float64"), ["float64"], True),
+    "vocab beyond dtype": (lambda m: m["tokenizer"].update(vocab_size=70000), ["70000", "uint16"], True),
+    "vocab up": (lambda m: m["tokenizer"].update(vocab_size=600), ["vocab_size 600", "vocab_size 512"], False),
+    "vocab down": (lambda m: m["tokenizer"].update(vocab_size=100), ["vocab_size 100", "vocab_size 512"], False),
+    "bos id": (lambda m: m["tokenizer"].update(bos_id=7), ["bos_id 7", "bos_id 1"], False),
+    "split total": (lambda m: m["splits"]["val"].update(tokens=5), ["val split's token counts"], True),
+    "file outside": (lambda m: _shard(m).update(file="../manifest.json"), ["not a file name inside"], True),
+}
+
+
+@pytest.mark.parametrize("edit", MANIFEST_EDITS)
+def test_verify_catches_a_manifest_edited_with_the_bytes_unchanged(edit, prepared_data, tmp_path, capsys):
+    change, words, at_open = MANIFEST_EDITS[edit]
+    data = shutil.copytree(prepared_data, tmp_path / "d")
+    m = json.loads((data / "manifest.json").read_text())
+    change(m)
+    (data / "manifest.json").write_text(json.dumps(m))
+    code, out, err = cli_main(capsys, "data", "verify", data)
+    errors = [line for line in err.splitlines() if line.startswith("topk-ds: error: ")]
+    assert code != 0 and "Traceback" not in err and errors, err
+    assert any(all(w in line for w in words) for line in errors), errors
+    if at_open:  # training and analysis open the data through TokenWindows: refused there too, in one line
+        with pytest.raises(UserError, match="contradicts itself|truncated"):
+            TokenWindows(data, seq_len=16)
 
 
 def test_too_short_split_is_refused(prepared_data):
@@ -325,91 +360,92 @@ def test_sampler_caches_the_permutation_at_fineweb_scale():
 
 # --- the command line: bad inputs end in one line, exit != 0, nothing half-written ------------------
 
-def test_cli_tokenizer_train_and_prepare(data_corpus, tmp_path):
-    r = cli("tokenizer", "train", "--input", data_corpus, "--vocab-size", 400, "--out", tmp_path / "tok")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1].startswith("wrote a 400-token sentencepiece BPE tokenizer")
-    r = cli("data", "prepare", "--input", data_corpus, "--tokenizer", tmp_path / "tok", "--out", tmp_path / "d",
-            "--val-tokens", 1000)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().startswith("wrote ") and str(tmp_path / "d") in r.stdout
+def test_cli_tokenizer_train_and_prepare(data_corpus, tmp_path, capsys):
+    code, out, err = cli_main(capsys, "tokenizer", "train", "--input", data_corpus, "--vocab-size", 400, "--out",
+                              tmp_path / "tok")
+    assert code == 0, err
+    assert out.strip().splitlines()[-1].startswith("wrote a 400-token sentencepiece BPE tokenizer")
+    code, out, err = cli_main(capsys, "data", "prepare", "--input", data_corpus, "--tokenizer", tmp_path / "tok",
+                              "--out", tmp_path / "d", "--val-tokens", 1000)
+    assert code == 0, err
+    assert out.strip().startswith("wrote ") and str(tmp_path / "d") in out
     assert read_manifest(tmp_path / "d")["tokenizer"]["vocab_size"] == 400
 
 
-def test_cli_missing_and_empty_input(data_tokenizer, tmp_path):
+def test_cli_missing_and_empty_input(data_tokenizer, tmp_path, capsys):
     out = tmp_path / "d"
-    assert_one_line_error(cli("data", "prepare", "--input", tmp_path / "nope.jsonl", "--tokenizer", data_tokenizer,
-                              "--out", out), "input not found", "nope.jsonl")
+    assert_one_error(cli_main(capsys, "data", "prepare", "--input", tmp_path / "nope.jsonl", "--tokenizer",
+                              data_tokenizer, "--out", out), "input not found", "nope.jsonl")
     assert_nothing_written(out)
     (tmp_path / "empty.jsonl").write_text("")
-    assert_one_line_error(cli("data", "prepare", "--input", tmp_path / "empty.jsonl", "--tokenizer", data_tokenizer,
-                              "--out", out), "no documents", "empty.jsonl")
+    assert_one_error(cli_main(capsys, "data", "prepare", "--input", tmp_path / "empty.jsonl", "--tokenizer",
+                              data_tokenizer, "--out", out), "no documents", "empty.jsonl")
     assert_nothing_written(out)
-    assert_one_line_error(cli("tokenizer", "train", "--input", tmp_path / "nope.txt", "--vocab-size", 300,
+    assert_one_error(cli_main(capsys, "tokenizer", "train", "--input", tmp_path / "nope.txt", "--vocab-size", 300,
                               "--out", tmp_path / "tok"), "not found")
     assert_nothing_written(tmp_path / "tok")
 
 
-def test_cli_jsonl_without_text_field(data_tokenizer, tmp_path):
+def test_cli_jsonl_without_text_field(data_tokenizer, tmp_path, capsys):
     (tmp_path / "a.jsonl").write_text('{"body": "hello there"}\n{"body": "again"}\n')
     out = tmp_path / "d"
-    assert_one_line_error(cli("data", "prepare", "--input", tmp_path / "a.jsonl", "--tokenizer", data_tokenizer,
-                              "--out", out), "no field 'text'", "--text-field")
+    assert_one_error(cli_main(capsys, "data", "prepare", "--input", tmp_path / "a.jsonl", "--tokenizer",
+                              data_tokenizer, "--out", out), "no field 'text'", "--text-field")
     assert_nothing_written(out)
     m = prepare([str(tmp_path / "a.jsonl")], data_tokenizer, out, text_field="body", val_tokens=0, progress=False)
     assert m["documents"]["train"] == 2 and m["text_field"] == "body"
 
 
-def test_cli_non_utf8_fails_with_strict_else_skipped(data_corpus, data_tokenizer, tmp_path):
+def test_cli_non_utf8_fails_with_strict_else_skipped(data_corpus, data_tokenizer, tmp_path, capsys):
     good = data_corpus.read_bytes().splitlines()[:5]
     (tmp_path / "a.jsonl").write_bytes(b"\n".join(good[:2] + [b'{"text": "\xff\xfe"}'] + good[2:]) + b"\n")
     out = tmp_path / "d"
-    assert_one_line_error(cli("data", "prepare", "--input", tmp_path / "a.jsonl", "--tokenizer", data_tokenizer,
-                              "--out", out, "--val-tokens", 0, "--strict"), "not valid UTF-8")
+    assert_one_error(cli_main(capsys, "data", "prepare", "--input", tmp_path / "a.jsonl", "--tokenizer",
+                              data_tokenizer, "--out", out, "--val-tokens", 0, "--strict"), "not valid UTF-8")
     assert_nothing_written(out)
     m = prepare([str(tmp_path / "a.jsonl")], data_tokenizer, out, val_tokens=0, progress=False)
     assert m["documents"] == {"seen": 6, "not_utf8": 1, "empty": 0, "train": 5, "val": 0}
 
 
-def test_cli_val_tokens_larger_than_the_corpus(data_corpus, data_tokenizer, tmp_path):
+def test_cli_val_tokens_larger_than_the_corpus(data_corpus, data_tokenizer, tmp_path, capsys):
     out = tmp_path / "d"
-    assert_one_line_error(cli("data", "prepare", "--input", data_corpus, "--tokenizer", data_tokenizer, "--out", out,
-                              "--val-tokens", 10_000_000), "--val-tokens")
+    assert_one_error(cli_main(capsys, "data", "prepare", "--input", data_corpus, "--tokenizer", data_tokenizer,
+                              "--out", out, "--val-tokens", 10_000_000), "--val-tokens")
     assert_nothing_written(out)
 
 
-def test_cli_refuses_a_finished_directory(prepared_data, data_corpus, data_tokenizer):
+def test_cli_refuses_a_finished_directory(prepared_data, data_corpus, data_tokenizer, capsys):
     before = sha256_file(prepared_data / "manifest.json")
-    assert_one_line_error(cli("data", "prepare", "--input", data_corpus, "--tokenizer", data_tokenizer,
+    assert_one_error(cli_main(capsys, "data", "prepare", "--input", data_corpus, "--tokenizer", data_tokenizer,
                               "--out", prepared_data), "already holds prepared data")
     assert sha256_file(prepared_data / "manifest.json") == before
 
 
-def test_cli_tokenizer_vocab_mismatch(prepared_data, data_corpus, tmp_path):
+def test_cli_tokenizer_vocab_mismatch(prepared_data, data_corpus, tmp_path, capsys):
     data = shutil.copytree(prepared_data, tmp_path / "d")
-    assert_one_line_error(cli("data", "verify", data, "--config", "tiny", "--set", "model.vocab_size=1000"),
-                          "vocab", "model.vocab_size=1000")
+    assert_one_error(cli_main(capsys, "data", "verify", data, "--config", "tiny", "--set", "model.vocab_size=1000"),
+                     "vocab", "model.vocab_size=1000")
     train_tokenizer([str(data_corpus)], 400, tmp_path / "tok400", progress=False)
     shutil.copyfile(tmp_path / "tok400" / "tokenizer.model", tokenizer_dir(data) / "tokenizer.model")
-    assert_one_line_error(cli("data", "verify", data), "tokenizer.model", "vocab 400", "says vocab 512")
+    assert_one_error(cli_main(capsys, "data", "verify", data), "tokenizer.model", "vocab 400", "says vocab 512")
 
 
-def test_cli_truncated_shard_and_checksum_mismatch(prepared_data, tmp_path):
+def test_cli_truncated_shard_and_checksum_mismatch(prepared_data, tmp_path, capsys):
     data = shutil.copytree(prepared_data, tmp_path / "d")
-    r = cli("data", "verify", data)
-    assert r.returncode == 0 and r.stdout.startswith("verified") and not r.stderr, r.stderr
+    code, out, err = cli_main(capsys, "data", "verify", data)
+    assert code == 0 and out.startswith("verified") and "error" not in err, err
     shard = data / "train-00001.bin"
     raw = shard.read_bytes()
     shard.write_bytes(raw[:-1])
-    assert_one_line_error(cli("data", "verify", data), "train-00001.bin", "truncated")
+    assert_one_error(cli_main(capsys, "data", "verify", data), "train-00001.bin", "truncated")
     shard.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
-    assert_one_line_error(cli("data", "verify", data), "train-00001.bin", "sha256")
+    assert_one_error(cli_main(capsys, "data", "verify", data), "train-00001.bin", "sha256")
 
 
-def test_cli_tokenizer_import_refuses_a_non_model(tmp_path):
+def test_cli_tokenizer_import_refuses_a_non_model(tmp_path, capsys):
     (tmp_path / "tokenizer.model").write_text("not a model")
-    assert_one_line_error(cli("tokenizer", "import", tmp_path / "tokenizer.model", "--out", tmp_path / "tok"),
-                          "not a sentencepiece model")
+    assert_one_error(cli_main(capsys, "tokenizer", "import", tmp_path / "tokenizer.model", "--out", tmp_path / "tok"),
+                     "not a sentencepiece model")
     assert_nothing_written(tmp_path / "tok")
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import RUN_SAVE_EVERY, RUN_STEPS, assert_converts_with_parity, run_cli, train_tiny
+from conftest import (RUN_SAVE_EVERY, RUN_STEPS, assert_converts_with_parity, assert_one_error, cli_main, run_cli,
+                      train_tiny)
 
 LIMIT = 60  # items per task: enough to tell a trained model from an untrained one, quick on CPU
 
@@ -271,49 +272,48 @@ def copy_tag(tiny_run, root, step=RUN_STEPS):
     return tag
 
 
-def test_convert_not_a_checkpoint(tmp_path):
+def test_convert_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("not weights")
-    proc = run_cli("convert", tmp_path / "notes", tmp_path / "out", check=False)
-    assert_clean_failure(proc, "is not a checkpoint")
+    assert_one_error(cli_main(capsys, "convert", tmp_path / "notes", tmp_path / "out"), "is not a checkpoint")
     assert not (tmp_path / "out").exists()
     no_temporaries(tmp_path)
 
 
-def test_convert_missing_tag(tiny_run, tmp_path):
-    proc = run_cli("convert", tiny_run, tmp_path / "out", "--tag", "global_step999", check=False)
-    assert_clean_failure(proc, "no checkpoint tag 'global_step999'", f"global_step{RUN_STEPS}")
+def test_convert_missing_tag(tiny_run, tmp_path, capsys):
+    assert_one_error(cli_main(capsys, "convert", tiny_run, tmp_path / "out", "--tag", "global_step999"),
+                     "no checkpoint tag 'global_step999'", f"global_step{RUN_STEPS}")
     assert not (tmp_path / "out").exists()
     no_temporaries(tmp_path)
 
 
-def test_convert_truncated_shard(tiny_run, tmp_path):
+def test_convert_truncated_shard(tiny_run, tmp_path, capsys):
     tag = copy_tag(tiny_run, tmp_path)
     shard = next(tag.glob("*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    proc = run_cli("convert", tag, tmp_path / "out", check=False)
-    assert_clean_failure(proc, shard.name, "truncated")
+    assert_one_error(cli_main(capsys, "convert", tag, tmp_path / "out"), shard.name, "truncated")
     assert not (tmp_path / "out").exists()
     no_temporaries(tmp_path)
 
 
-def test_convert_config_does_not_match_weights(tiny_run, tmp_path):
+def test_convert_config_does_not_match_weights(tiny_run, tmp_path, capsys):
     tag = copy_tag(tiny_run, tmp_path)
     config = tag.parents[1] / "config.yaml"
     cfg = yaml.safe_load(config.read_text())
     cfg["model"]["dim"] = 96
     config.write_text(yaml.safe_dump(cfg))
-    proc = run_cli("convert", tag, tmp_path / "out", check=False)
-    assert_clean_failure(proc, "does not match the weights")
+    assert_one_error(cli_main(capsys, "convert", tag, tmp_path / "out"), "does not match the weights")
     assert not (tmp_path / "out").exists()
     no_temporaries(tmp_path)
 
 
-def test_convert_existing_out_needs_force(tiny_run, tmp_path):
+def test_convert_existing_out_needs_force(tiny_run, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "mine.txt").write_text("keep me")
-    proc = run_cli("convert", tiny_run, out, check=False)
-    assert_clean_failure(proc, "already exists", "--force")
+    (out / "config.json").write_text("{}")  # an earlier conversion: replaced only with --force
+    assert_one_error(cli_main(capsys, "convert", tiny_run, out), "already exists", "--force")
+    (out / "config.json").unlink()
+    (out / "mine.txt").write_text("keep me")  # not a model: never replaced, --force or not
+    assert_one_error(cli_main(capsys, "convert", tiny_run, out, "--force"), "holds no config.json")
     assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
     no_temporaries(tmp_path)

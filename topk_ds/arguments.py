@@ -3,6 +3,7 @@ the top-level `topk_ds.cli` imports the areas, and nothing imports it back."""
 
 import argparse
 import math
+import re
 
 
 class Parser(argparse.ArgumentParser):
@@ -61,3 +62,20 @@ def config_args(p: argparse.ArgumentParser) -> None:
                    "NAME-dense) or a YAML file; a YAML may start from a preset with `preset: NAME`")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set model.dim=2048 (repeatable; applied last)")
+
+
+def device_name(text: str) -> str:
+    """--device: auto, cpu, cuda or cuda:N (whether it exists here is checked by topk_ds.devices.resolve)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got '{text}'")
+    return text
+
+
+def device_args(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype of every command that runs a model (resolved by topk_ds.devices.resolve)."""
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="where the model runs: auto (the first GPU if there is one, else cpu; under a launcher the "
+                        "GPU of LOCAL_RANK), cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                   help="precision of the forward pass (default: bf16 on a GPU, fp32 on the CPU); statistics "
+                        "are accumulated in fp32/fp64 either way")

@@ -7,8 +7,8 @@
 
 Each stage is the command a user would type, printed as it runs (`$ topk-ds ...`), so any of them
 can be repeated by hand. A stage is skipped when its output exists (every command writes its
-output atomically), so a re-run reuses finished work; DIR/demo.json records the settings, and a
-re-run with other settings is refused rather than mixing results.
+output atomically), so a re-run reuses finished work; DIR/demo.json records the settings of the
+stages that finished, and a re-run that changes one of them is refused rather than mixing results.
 """
 
 import argparse
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .analysis.settings import PROMPT
-from .io import atomic_output, write_json
+from .io import atomic_output, check_output, write_json
 
 PRECISION_BAR = 0.8  # a "concept neuron": at least this share of its top tokens from one topic
 
@@ -60,28 +60,38 @@ class Demo:
 
     # --- running -----------------------------------------------------------------------------------
 
-    def check_settings(self) -> None:
-        recorded = self.out / "demo.json"
-        mine = asdict(self.s)
-        if recorded.exists():
-            theirs = json.loads(recorded.read_text())
-            if theirs != mine:
-                diff = ", ".join(f"{k}={theirs.get(k)!r} (now {v!r})" for k, v in mine.items() if theirs.get(k) != v)
-                raise UserError(f"{self.out} holds a demo made with other settings ({diff}); choose another --out "
-                                "or remove it")
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(recorded, mine)
+    def recorded(self) -> dict:
+        """DIR/demo.json: the settings the finished stages were made with (each recorded when its stage
+        succeeds, so a stage that failed, e.g. on a too large --vocab, does not hold a rerun to its settings)."""
+        path = self.out / "demo.json"
+        try:
+            return json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            raise UserError(f"{path} is unreadable; remove it (the demo then reuses what {self.out} holds)") from None
 
-    def stage(self, title: str, done: Path, action) -> None:
+    def check_settings(self) -> None:
+        check_output(self.out, "demo")
+        mine = asdict(self.s)
+        diff = ", ".join(f"{k}={v!r} (now {mine[k]!r})" for k, v in self.recorded().items() if k in mine and mine[k] != v)
+        if diff:
+            raise UserError(f"{self.out} holds a demo made with other settings ({diff}); choose another --out "
+                            "or remove it")
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def stage(self, title: str, done: Path, action, uses: tuple[str, ...] = ()) -> None:
+        """Run one stage unless its output `done` exists; `uses` names the settings it depends on."""
         n = len(self.timings) + 1
         if done.exists():
             print(f"[{n}] {title}: reusing {done}", flush=True)
             self.timings.append((title, 0.0, True))
-            return
-        print(f"[{n}] {title}", flush=True)
-        started = time.time()
-        action()
-        self.timings.append((title, time.time() - started, False))
+        else:
+            print(f"[{n}] {title}", flush=True)
+            started = time.time()
+            action()
+            self.timings.append((title, time.time() - started, False))
+        recorded = self.recorded()
+        if any(k not in recorded for k in uses):
+            write_json(self.out / "demo.json", recorded | {k: asdict(self.s)[k] for k in uses})
 
     def topk_ds(self, *args) -> None:
         """Run one `topk-ds` command in this process, echoing it."""
@@ -96,10 +106,11 @@ class Demo:
         p, s = self.paths, self.s
         self.check_settings()
         self.stage("synthetic topic corpus", p["corpus"] / "concepts.json",
-                   lambda: self.topk_ds("corpus", "synth", "--out", p["corpus"], "--docs", s.docs, "--seed", s.seed))
+                   lambda: self.topk_ds("corpus", "synth", "--out", p["corpus"], "--docs", s.docs, "--seed", s.seed),
+                   uses=("docs", "seed"))
         self.stage("tokenizer", p["tokenizer"] / "tokenizer.model",
                    lambda: self.topk_ds("tokenizer", "train", "--input", p["corpus"] / "corpus.jsonl",
-                                        "--vocab-size", s.vocab, "--out", p["tokenizer"]))
+                                        "--vocab-size", s.vocab, "--out", p["tokenizer"]), uses=("vocab",))
         self.stage("token shards", p["data"] / "manifest.json",
                    lambda: self.topk_ds("data", "prepare", "--input", p["corpus"] / "corpus.jsonl", "--tokenizer",
                                         p["tokenizer"], "--out", p["data"], "--val-tokens",
@@ -107,18 +118,20 @@ class Demo:
         for name in ("dense", "topk"):
             run = p["runs"] / name
             self.stage(f"train the {name} model ({s.ranks} DeepSpeed ranks)",
-                       run / "checkpoints" / f"global_step{s.steps}" / "complete.json", lambda: self.train(name, run))
+                       run / "checkpoints" / f"global_step{s.steps}" / "complete.json", lambda: self.train(name, run),
+                       uses=("steps", "ranks", "seed"))
         for name in ("dense", "topk"):
             self.stage(f"convert the {name} model", p["hf"] / name / "config.json",
                        lambda: self.topk_ds("convert", p["runs"] / name, p["hf"] / name))
         limit = ["--limit", s.eval_limit] if s.eval_limit else []
         self.stage("evaluate both (local lm-eval suite)", p["eval"] / "table.md",
                    lambda: self.topk_ds("eval", p["hf"] / "dense", p["hf"] / "topk", "--suite", "local", "--out",
-                                        p["eval"], "--max-length", 128, *limit))
+                                        p["eval"], "--max-length", 128, *limit), uses=("eval_limit",))
         for name in ("dense", "topk"):
             self.stage(f"statistics and entropies of the {name} model", p["stats"] / name / "stats.json",
                        lambda: self.topk_ds("analyze", "stats", p["hf"] / name, "--data", p["data"], "--tokens",
-                                            s.stats_tokens, "--seq-len", 128, "--out", p["stats"] / name))
+                                            s.stats_tokens, "--seq-len", 128, "--out", p["stats"] / name),
+                       uses=("stats_tokens",))
         self.stage("entropy per layer (Figure 3)", self.out / "entropy.png",
                    lambda: self.topk_ds("analyze", "entropy", p["stats"] / "dense", p["stats"] / "topk", "--names",
                                         "dense", "TopK", "--compare", self.out / "entropy.png"))
@@ -132,7 +145,8 @@ class Demo:
                    p["stats"] / "topk" / "steering" / f"{layer}_{index}.json",
                    lambda: self.topk_ds("steer", p["hf"] / "topk", "--neuron", f"{layer}:{index}",
                                         *[a for c in offsets for a in ("--offset", c)], "--samples", s.samples,
-                                        "--seed", s.seed, "--stats", p["stats"] / "topk"))
+                                        "--seed", s.seed, "--stats", p["stats"] / "topk"),
+                   uses=("offset_scales", "samples", "seed"))
         word = best["top_word"]
         self.stage(f"trace neuron index {index} on '{word}' over checkpoints (Figure 5)",
                    self.out / "trace" / f"trace-{index}-{word}.json",

@@ -6,4 +6,5 @@
     concepts  labels from top tokens, scored against the synthetic corpus's topics
     report    neuron reports      steer    concept steering      trace    over checkpoints
     plots     the paper's figures browse   a static HTML neuron browser
+    export    Neuronpedia's import layout; TopK layers as sparsify / SAELens SAEs
 """

@@ -1,12 +1,14 @@
-"""`topk-ds analyze stats|entropy|neuron|trace|browse` and `topk-ds steer`; handlers import lazily."""
+"""`topk-ds analyze stats|entropy|neuron|trace|browse|export` and `topk-ds steer`; handlers import lazily."""
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
-from ..arguments import positive
+from ..arguments import count, device_args, number, positive
 from ..errors import UserError
-from .settings import BINS, PERCENTILE, PROMPT, THRESHOLD_RATIO, TOP, TRACE_TOKENS
+from ..io import check_output
+from .settings import BINS, EXPORT_FORMATS, PERCENTILE, PROMPT, THRESHOLD_RATIO, TOP, TRACE_TOKENS
 
 STATS_HELP = """\
 Run MODEL (a converted directory, a run directory or a checkpoint tag) over --tokens tokens of
@@ -16,17 +18,43 @@ streaming pass, then compute token and semantic entropy (the paper's eq. 4-11, s
   OUT/stats.json           model fingerprint (config, alpha, step, weight hash), data, settings,
                            per-layer summary: L0, dead neurons, mean/std of both entropies
   OUT/tensors.safetensors  counts (V,), embedding (V, E); per layer: sums (V, D) [abar = sums /
-                           counts], fires (D,), top_values (D, M), top_contexts (D, M, C),
+                           counts], fires (D,), histogram (D, 64) [non-zero activations in
+                           log-spaced bins, 1e-4..1e4], top_values (D, M), top_contexts (D, M, C)
+                           and top_acts (D, M, C) [the neuron's activation at each context token],
+                           promoted / suppressed (+ _ids) (D, 10) [direct logit effect: its
+                           direction through the final norm's gain and the unembedding],
                            token_entropy, semantic_entropy (NaN when |S| < 2), selected (|S|), theta
   OUT/vocab.json           the token strings
 
 Activations are the positive part of each layer's output hidden state (dense layers clamped at 0
 per position). TopK layers at alpha = 0 are accumulated on their k selected entries only.
 
-Memory (besides the model and one batch): 4*V*D bytes per analysed layer for the per-token sums,
-D*M*(4 + 4*C) per layer for the top contexts (C = 21 tokens), 4*V*E once for the embedding, and
-for semantic entropy a V'*V' byte table of cosine bins (V' = token ids seen). For V=32000, D=1024:
-131 MB per layer, and 1 GB for the table. Use --layers to analyse fewer layers."""
+Memory, stated before the model is loaded (and refused, naming the need and what is available, when it
+does not fit): on the model's device the weights, 4*V*D bytes per analysed layer for the per-token sums,
+D*M*(4 + 8*C) per layer for the top contexts with their activations (C = 21 tokens), 520*D for the
+histograms, and one batch's activations; in host memory the accumulators again (they are saved from
+there), 4*V*E for the embedding and, for semantic entropy, a V'*V' byte table of cosine bins (V' = token
+ids seen). For V=32000, D=2048: 270 MB per layer (6.5 GB for 24 layers), and 1 GB for the table. Use
+--layers to analyse fewer layers.
+
+On G processes: `deepspeed --num_gpus G --module topk_ds.analysis stats ...` (or torchrun --nproc-per-node
+G -m topk_ds.analysis, mpirun, srun) splits the batches among them and writes what one process would."""
+
+
+
+EXPORT_HELP = """\
+Write saved statistics (`topk-ds analyze stats`) in the format of another tool; nothing is recomputed.
+
+  neuronpedia  Neuronpedia's import layout: OUT/MODEL_ID/LAYER-SOURCE_SET/{model,release,sourceset,
+               source}.jsonl, features/batch-N.jsonl.gz and activations/batch-N.jsonl.gz (the records
+               Neuronpedia's export and SAEDashboard's exporter write), for neurons and SAE latents
+  sparsify     every TopK layer as an EleutherAI sparsify SparseCoder (identity encoder and decoder,
+               the layer's k): OUT/layers.L.act/{cfg.json,sae.safetensors}; opens with
+               sparsify.SparseCoder.load_many(OUT, local=True)
+  saelens      the same as SAELens TopK SAEs: OUT/layers.L.act/{cfg.json,sae_weights.safetensors};
+               opens with sae_lens.SAE.load_from_disk(OUT/layers.L.act)
+
+The SAE formats need the model: the one whose path stats.json recorded, or --model."""
 
 
 def check_settings(a) -> None:
@@ -37,8 +65,6 @@ def check_settings(a) -> None:
         raise UserError(f"--threshold {a.threshold:g} must be > 0 (theta = THRESHOLD x percentile)")
     if not 1 <= a.bins <= 255:
         raise UserError(f"--bins {a.bins} must be in [1, 255]")
-    if getattr(a, "top_contexts", 0) < 0:
-        raise UserError(f"--top-contexts {a.top_contexts} must be >= 0")
 
 
 def parse_neuron(text: str) -> tuple[int, int]:
@@ -86,24 +112,61 @@ def _units(model):
     return Neurons(model)
 
 
-def _collect(units, tokenizer, a, layers):
-    from .data import token_batches
-    from .stats import collect, compute_entropy, memory_bytes
+def _seq_len(requested: int | None, model) -> int:
+    """The window length: as asked (at most the model's context, as eval refuses longer), else the model's
+    max_seq_len up to 1024."""
+    if requested is not None and requested > model.max_seq_len:
+        raise UserError(f"--seq-len {requested} exceeds the model's context (max_seq_len {model.max_seq_len}); "
+                        f"choose --seq-len <= {model.max_seq_len}")
+    return requested or min(model.max_seq_len, 1024)
 
-    t = units.model.model
-    seq_len = a.seq_len or min(t.cfg.max_seq_len, 1024)
-    batches = token_batches(a.data, tokenizer, t.cfg.vocab_size, seq_len, a.tokens, max(1, a.batch_tokens // seq_len), a.split)
-    n = len(units.check_layers(layers))
-    print(f"accumulators for {n} layers: {memory_bytes(t.cfg.vocab_size, units.width, n, a.top_contexts) / 2**20:,.0f} MB",
-          file=sys.stderr)
+
+def _plan_pass(a, layers, what: str = "analyze stats"):
+    """Before any weights are read: the device, the layers, the window length, the memory the pass needs
+    (refused in one line when it does not fit) and what it will cost. -> (device, dtype, layers, seq_len)."""
+    import torch
+
+    from ..convert.hf_export import read_config
+    from ..devices import check_memory, cost_line, resolve
+    from ..train.distributed import rank, world_size
+    from .stats import memory_needs
+    from .units import check_layers
+
+    device, dtype = resolve(a.device, a.dtype)
+    model, topk = read_config(a.model, a.tag)
+    layers = check_layers(layers, list(range(model.n_layers)), model.n_layers)
+    seq_len = _seq_len(a.seq_len, model)
+    batch_tokens = max(1, a.batch_tokens // seq_len) * seq_len
+    on_device, on_host = memory_needs(model, topk.width(model), len(layers), batch_tokens, dtype.itemsize,
+                                      a.top_contexts)
+    hint = "analyse fewer layers with --layers (or use fewer --batch-tokens)"
+    lines = [check_memory(what, on_host | on_device, device, hint)] if device.type == "cpu" else \
+        [check_memory(what, on_device, device, hint), check_memory(what, on_host, torch.device("cpu"), hint)]
+    forward = dataclasses.replace(model, n_layers=max(layers) + 1)  # the pass stops after the last analysed layer
+    flops = forward.flops_per_token(seq_len, training=False) - 2 * model.vocab_size * model.dim  # no LM head
+    lines.append(cost_line(what, -(-a.tokens // seq_len) * seq_len, flops, device, dtype, world_size()))
+    if rank() == 0:
+        print("\n".join(lines), file=sys.stderr, flush=True)
+    return device, dtype, layers, seq_len
+
+
+def _collect(units, tokenizer, a, layers, seq_len):
+    from ..train.distributed import rank
+    from .data import token_batches
+    from .stats import collect, compute_entropy
+
+    batches = token_batches(a.data, tokenizer, units.model.model.cfg.vocab_size, seq_len, a.tokens,
+                            max(1, a.batch_tokens // seq_len), a.split)
     stats = collect(units, tokenizer, batches, a.tokens, layers, a.top_contexts)
-    compute_entropy(stats, a.percentile, a.threshold, a.bins)
+    if rank() == 0:  # on several processes every one holds the merged statistics; one goes on with them
+        compute_entropy(stats, a.percentile, a.threshold, a.bins)
     return stats
 
 
 def _stats(a):
     from ..convert.hf_export import load
     from ..io import check_replaceable
+    from ..train.distributed import rank
     from .concepts import Concepts
     from .data import check_data
 
@@ -114,9 +177,12 @@ def _stats(a):
     check_settings(a)
     check_data(a.data)  # before the model is loaded: a wrong path fails at once
     concepts = Concepts.load(a.concepts) if a.concepts else Concepts.beside(a.data)
-    model, tokenizer = load(a.model, tag=a.tag)
-    stats = _collect(_units(model), tokenizer, a, a.layers)
-    stats.meta |= {"model": str(a.model), "data": str(a.data), "split": a.split,
+    device, dtype, layers, seq_len = _plan_pass(a, a.layers)
+    model, tokenizer = load(a.model, tag=a.tag, device=device, dtype=dtype)
+    stats = _collect(_units(model), tokenizer, a, layers, seq_len)
+    if rank() != 0:  # one process writes
+        return
+    stats.meta |= {"model": str(Path(a.model).resolve()), "tag": a.tag, "data": str(a.data), "split": a.split,
                    "concepts": str(concepts.path.resolve()) if concepts else None}
     stats.save(out)
     short = "" if stats.tokens >= a.tokens else f" (all the data holds; {a.tokens:,} asked)"
@@ -130,6 +196,8 @@ def _entropy(a):
     if a.names and len(a.names) != len(a.stats):
         raise UserError(f"--names gives {len(a.names)} names for {len(a.stats)} statistics directories")
     check_settings(a)
+    if a.compare:
+        check_output(a.compare, "analyze entropy --compare", kind="file")
     models = []
     for j, path in enumerate(a.stats):
         stats = Stats.load(path)
@@ -154,27 +222,35 @@ def _entropy(a):
 
 
 def _neuron(a):
-    from ..convert.hf_export import load
+    from ..convert.hf_export import load, read_config
+    from ..devices import resolve
     from ..io import write_json
     from .report import LayerReport, format_report
     from .stats import Stats
 
     layer, index = parse_neuron(a.neuron)
+    if a.json:
+        check_output(a.json, "analyze neuron --json", kind="file")
     if a.data:
         check_settings(a)
     if _is_stats(a.model):
         stats = Stats.load(a.model, layers=[layer])
-    else:
-        model, tokenizer = load(a.model, tag=a.tag)
+    elif a.stats or a.data:
+        if a.data:
+            device, dtype, _, seq_len = _plan_pass(a, [layer], "analyze neuron")
+        else:
+            device, dtype = resolve(a.device, a.dtype)
+        model, tokenizer = load(a.model, tag=a.tag, device=device, dtype=dtype)
         units = _units(model)
         units.check(layer, index)
         if a.stats:
             stats = Stats.load(a.stats, layers=[layer])
             stats.check_units(units)
-        elif a.data:
-            stats = _collect(units, tokenizer, a, [layer])
         else:
-            raise UserError(f"{a.model} is a model: pass --stats DIR (saved by `topk-ds analyze stats`) or --data DATA")
+            stats = _collect(units, tokenizer, a, [layer], seq_len)
+    else:
+        read_config(a.model, a.tag)  # a model, else what it is not
+        raise UserError(f"{a.model} is a model: pass --stats DIR (saved by `topk-ds analyze stats`) or --data DATA")
     stats.check_neuron(layer, index)
     report = LayerReport(stats, layer, _concepts(a.concepts, stats)).neuron(index, a.contexts)
     print(format_report(report))
@@ -187,11 +263,14 @@ def _neuron(a):
 
 
 def _trace(a):
+    from ..config import load_config
+    from ..convert.hf_export import run_checkpoints
+    from ..devices import check_memory, cost_line, resolve
     from ..io import write_json
     from .plots import entropy_over_training, neuron_heatmap
-    from .trace import trace_entropy, trace_neuron
+    from .trace import run_data, trace_entropy, trace_neuron
 
-    out = Path(a.out) if a.out else Path(a.run_dir) / "analysis"
+    out = check_output(Path(a.out) if a.out else Path(a.run_dir) / "analysis", "analyze trace")
     if a.entropy == bool(a.neuron):
         raise UserError("give either --neuron L:I --token WORD (Figure 5) or --entropy (Figure 4)")
     if a.neuron and not a.token:
@@ -199,13 +278,23 @@ def _trace(a):
     if a.neuron:
         layer, index = parse_neuron(a.neuron) if ":" in a.neuron else (None, parse_index(a.neuron))
         check_run_neuron(a.run_dir, layer, index)
+    device, dtype = resolve(a.device, a.dtype)
+    data, seq_len = run_data(a.run_dir, a.data, a.seq_len)
+    checkpoints = run_checkpoints(a.run_dir)
+    if (Path(a.run_dir) / "config.yaml").is_file():
+        model = load_config(str(Path(a.run_dir) / "config.yaml")).model
+        print(check_memory("analyze trace", {"one checkpoint's model": model.num_params() * dtype.itemsize}, device),
+              file=sys.stderr)
+        tokens = -(-a.tokens // seq_len) * seq_len
+        print(cost_line(f"analyze trace over {len(checkpoints)} checkpoints", len(checkpoints) * tokens,
+                        model.flops_per_token(seq_len, training=False), device, dtype), file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     if a.entropy:
-        result = trace_entropy(a.run_dir, a.data, a.tokens, a.seq_len)
+        result = trace_entropy(a.run_dir, data, a.tokens, seq_len, device=device, dtype=dtype)
         name = "entropy-trace"
         png = entropy_over_training(result, out / f"{name}.png")
     else:
-        result = trace_neuron(a.run_dir, index, a.token, a.data, a.tokens, a.seq_len)
+        result = trace_neuron(a.run_dir, index, a.token, data, a.tokens, seq_len, device=device, dtype=dtype)
         name = f"trace-{index}-{a.token}"
         png = neuron_heatmap(result, out / f"{name}.png", layer)
     write_json(out / f"{name}.json", result)
@@ -224,6 +313,17 @@ def _browse(a):
     print(f"wrote a neuron browser ({pages} neuron pages) to {a.out}/index.html (opens from file://, no network)")
 
 
+def _export(a):
+    from ..io import check_replaceable
+    from .export import MARKER, export
+
+    check_replaceable(Path(a.out), MARKER, "analyze export")
+    names = {"model_id": a.model_id, "source_set": a.source_set, "release": a.release, "creator": a.creator}
+    written = export(a.stats, a.format, a.out, a.model, a.layers, names)
+    print(f"wrote {len(written)} {'sources' if a.format == 'neuronpedia' else 'SAEs'} in {a.format} format to {a.out} "
+          f"({', '.join(written)})")
+
+
 def _steer(a):
     from ..convert.hf_export import load
     from ..io import write_json
@@ -232,9 +332,14 @@ def _steer(a):
     from .steer import format_table, steer
 
     layer, index = parse_neuron(a.neuron)
-    if a.samples < 1 or a.max_new_tokens < 1:
-        raise UserError("--samples and --max-new-tokens must be >= 1")
-    model, tokenizer = load(a.model, tag=a.tag)
+    if a.greedy and a.samples not in (None, 1):
+        raise UserError(f"--greedy decodes one text per offset; drop --samples {a.samples}")
+    samples = a.samples or (1 if a.greedy else 5)
+    out = Path(a.out) if a.out else (Path(a.stats) / "steering" / f"{layer}_{index}.json" if a.stats
+                                     else Path(f"steer_{layer}_{index}.json"))
+    check_output(out, "steer", kind="file")
+    device, dtype = _plan_generation(a, layer, len({0.0, *a.offset}), samples)
+    model, tokenizer = load(a.model, tag=a.tag, device=device, dtype=dtype)
     units = _units(model)
     units.check(layer, index)
     stats = None
@@ -249,13 +354,29 @@ def _steer(a):
         if stats is None:
             raise UserError("to score topic words, name the neuron's topic with --topic or pass --stats DIR to label it")
         topic = LayerReport(stats, layer, concepts).summary(index)["topic"]
-    result = steer(units, tokenizer, layer, index, a.offset, a.prompt, a.samples, a.seed, a.max_new_tokens, concepts, topic)
+    result = steer(units, tokenizer, layer, index, a.offset, a.prompt, samples, a.seed, a.max_new_tokens, concepts, topic,
+                   a.greedy)
     print(format_table(result))
-    out = Path(a.out) if a.out else (Path(a.stats) / "steering" / f"{layer}_{index}.json" if a.stats
-                                     else Path(f"steer_{layer}_{index}.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
-    print(f"wrote {len(result['offsets'])} x {a.samples} samples of neuron {a.neuron} to {out}")
+    print(f"wrote {len(result['offsets'])} x {samples} samples of neuron {a.neuron} to {out}")
+
+
+def _plan_generation(a, layer: int, offsets: int, samples: int):
+    """Before any weights are read, for steer: the device, the layer, the memory of the model and the cost of
+    `samples` continuations per offset (the unsteered one included). -> (device, dtype)."""
+    from ..convert.hf_export import read_config
+    from ..devices import check_memory, cost_line, resolve
+    from .units import check_layers
+
+    device, dtype = resolve(a.device, a.dtype)
+    model, _ = read_config(a.model, a.tag)
+    check_layers([layer], list(range(model.n_layers)), model.n_layers)
+    print(check_memory("steer", {"model": model.num_params() * dtype.itemsize}, device), file=sys.stderr)
+    tokens = offsets * samples * (a.max_new_tokens + len(a.prompt.split()) + 1)  # ~ a token per word of the prompt
+    print(cost_line(f"steer: {offsets} offsets x {samples} samples of {a.max_new_tokens} new tokens", tokens,
+                    model.flops_per_token(a.max_new_tokens, training=False), device, dtype), file=sys.stderr, flush=True)
+    return device, dtype
 
 
 def _model_args(p, what: str = "MODEL") -> None:
@@ -263,8 +384,8 @@ def _model_args(p, what: str = "MODEL") -> None:
 
 
 def _entropy_args(p) -> None:
-    p.add_argument("--percentile", type=float, default=PERCENTILE, help=f"theta's percentile (default {PERCENTILE:g})")
-    p.add_argument("--threshold", type=float, default=THRESHOLD_RATIO,
+    p.add_argument("--percentile", type=number, default=PERCENTILE, help=f"theta's percentile (default {PERCENTILE:g})")
+    p.add_argument("--threshold", type=number, default=THRESHOLD_RATIO,
                    help=f"theta = THRESHOLD x percentile (default {THRESHOLD_RATIO:g})")
     p.add_argument("--bins", type=int, default=BINS, help=f"cosine bins over [-1, 1], at most 255 (default {BINS})")
 
@@ -274,10 +395,10 @@ def _data_args(p, required: bool) -> None:
                    ".txt/.jsonl/.parquet files encoded with the model's tokenizer")
     p.add_argument("--tokens", type=positive, default=1_000_000, help="tokens to run over (default 1,000,000)")
     p.add_argument("--split", default="train", choices=("train", "val"), help="split of prepared data (default train)")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="window length (default: the model's max_seq_len, at most 1024; use the training length)")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward pass (default 8192)")
-    p.add_argument("--top-contexts", type=int, default=TOP, help=f"top-activating contexts kept per neuron (default {TOP})")
+    p.add_argument("--seq-len", type=positive, default=None, help="window length, at most the model's max_seq_len "
+                   "(default: the model's max_seq_len, at most 1024; use the training length)")
+    p.add_argument("--batch-tokens", type=positive, default=8192, help="tokens per forward pass (default 8192)")
+    p.add_argument("--top-contexts", type=count, default=TOP, help=f"top-activating contexts kept per neuron (default {TOP})")
     _entropy_args(p)
 
 
@@ -294,6 +415,7 @@ def add_commands(commands) -> None:
     p.add_argument("--force", action="store_true", help="replace existing statistics in --out")
     _model_args(p)
     _data_args(p, required=True)
+    device_args(p)
     p.set_defaults(run=_stats)
 
     p = sub.add_parser("entropy", help="per-layer token and semantic entropy of saved statistics; --compare draws Figure 3")
@@ -308,10 +430,11 @@ def add_commands(commands) -> None:
     p.add_argument("neuron", metavar="L:I", help="layer:index, e.g. 0:17")
     p.add_argument("--stats", help="statistics of MODEL (refused when computed from another model)")
     p.add_argument("--concepts", help="concepts.json to score the label against (default: the one the statistics recorded)")
-    p.add_argument("--contexts", type=int, default=10, help="top contexts to show (default 10)")
+    p.add_argument("--contexts", type=count, default=10, help="top contexts to show (default 10)")
     p.add_argument("--json", help="also write the report as JSON to this file")
     _model_args(p)
     _data_args(p, required=False)
+    device_args(p)
     p.set_defaults(run=_neuron)
 
     p = sub.add_parser("trace", help="a neuron over checkpoints x layers (Figure 5), or entropies over training (Figure 4)")
@@ -321,16 +444,31 @@ def add_commands(commands) -> None:
     p.add_argument("--entropy", action="store_true", help="per-layer entropy distributions over training steps")
     p.add_argument("--data", help="data to run on (default: the run's data.path)")
     p.add_argument("--tokens", type=positive, default=TRACE_TOKENS, help=f"tokens per checkpoint (default {TRACE_TOKENS:,})")
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's data.seq_len)")
+    p.add_argument("--seq-len", type=positive, default=None, help="window length (default: the run's data.seq_len)")
     p.add_argument("--out", help="output directory (default RUN_DIR/analysis)")
+    device_args(p)
     p.set_defaults(run=_trace)
 
     p = sub.add_parser("browse", help="a static HTML neuron browser of saved statistics (opens from file://)")
     p.add_argument("stats", metavar="STATS_DIR")
     p.add_argument("--out", required=True, help="site directory to write (replaced)")
     p.add_argument("--concepts", help="concepts.json for topic columns (default: the one the statistics recorded)")
-    p.add_argument("--contexts", type=int, default=10, help="top contexts per neuron page (default 10)")
+    p.add_argument("--contexts", type=count, default=10, help="top contexts per neuron page (default 10)")
     p.set_defaults(run=_browse)
+
+    p = sub.add_parser("export", help="saved statistics as Neuronpedia's import layout, or TopK layers as SAEs of "
+                       "sparsify / SAELens", description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stats", metavar="STATS_DIR")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    p.add_argument("--out", required=True, help="directory to write (replaced as a whole)")
+    p.add_argument("--layers", type=int, nargs="+", help="layers to export (default: every analysed layer)")
+    p.add_argument("--model", help="sparsify/saelens: the model the statistics came from (default: the one recorded "
+                   "in STATS_DIR/stats.json; checked against the statistics' fingerprint)")
+    p.add_argument("--model-id", help="neuronpedia: the model's id (default topk-llama-DIMxLAYERS-kK)")
+    p.add_argument("--source-set", help="neuronpedia: the source set (default topk-res-WIDTH, sae-res-WIDTH for latents)")
+    p.add_argument("--release", help="neuronpedia: the release name (default topk-ds)")
+    p.add_argument("--creator", help="neuronpedia: the creator's name (default topk_ds)")
+    p.set_defaults(run=_export)
 
     p = commands.add_parser("steer", help="generate with one neuron's pre-activation offset (concept steering)",
                             description="Add each --offset to neuron L:I's pre-activation at every position (prompt and "
@@ -339,14 +477,17 @@ def add_commands(commands) -> None:
                             "and a topic, reports the share of generated content words in the topic.")
     p.add_argument("model", help="converted model directory, run directory or checkpoint tag")
     p.add_argument("--neuron", required=True, metavar="L:I")
-    p.add_argument("--offset", type=float, action="append", required=True, help="offset C (repeatable)")
+    p.add_argument("--offset", type=number, action="append", required=True, help="offset C (repeatable)")
     p.add_argument("--prompt", default=PROMPT, help=f"prompt (default {PROMPT!r})")
-    p.add_argument("--samples", type=int, default=5, help="samples per offset (default 5)")
+    p.add_argument("--samples", type=positive, default=None, help="samples per offset (default 5; 1 with --greedy)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every offset (default 0)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling (one text "
+                   "per offset, the same on any machine)")
+    p.add_argument("--max-new-tokens", type=positive, default=128, help="tokens to generate (default 128)")
     p.add_argument("--stats", help="statistics of MODEL: label the neuron, and save the samples in STATS/steering/ for browse")
     p.add_argument("--concepts", help="concepts.json (default: the one the statistics recorded)")
     p.add_argument("--topic", help="the topic whose share of generated words to report (default: the neuron's label topic)")
     p.add_argument("--out", help="JSON file to write (default STATS/steering/L_I.json, else steer_L_I.json)")
     _model_args(p)
+    device_args(p)
     p.set_defaults(run=_steer)

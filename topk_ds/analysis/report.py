@@ -1,6 +1,7 @@
 """Neuron reports from saved statistics: frequency, entropies, top tokens, top contexts with the
-activating token marked, a label from the top tokens and, with concepts, its topic scored. Computed
-a layer at a time (vectorised over its neurons), so a report of every neuron costs one pass."""
+activating token marked (and the neuron's activation at every token), the activation histogram, the
+direct logit effect, a label from the top tokens and, with concepts, its topic scored. Computed a layer
+at a time (vectorised over its neurons), so a report of every neuron costs one pass."""
 
 import math
 import re
@@ -64,11 +65,22 @@ class LayerReport:
         def text(ids):
             return text_of([stats.pieces[v] for v in ids if v >= 0])
 
-        for value, ctx in zip(ls.top_values[i, :contexts].tolist(), ls.top_contexts[i, :contexts].tolist()):
+        for value, ctx, acts in zip(ls.top_values[i, :contexts].tolist(), ls.top_contexts[i, :contexts].tolist(),
+                                    ls.top_acts[i, :contexts].tolist()):
             if value <= 0:
                 break
+            inside = [c for c, v in enumerate(ctx) if v >= 0]  # the window's tokens, each with the neuron's activation
             report["contexts"].append({"activation": value, "before": text(ctx[:before]),
-                                       "token": text(ctx[before:before + 1]), "after": text(ctx[before + 1:])})
+                                       "token": text(ctx[before:before + 1]), "after": text(ctx[before + 1:]),
+                                       "tokens": [text([ctx[c]]) for c in inside], "acts": [acts[c] for c in inside],
+                                       "at": inside.index(before)})
+        used = ls.histogram[i].nonzero().flatten().tolist()  # the bins from its first to its last non-empty one
+        lo, hi = (used[0], used[-1] + 1) if used else (0, 0)
+        report["histogram"] = {"edges": stats.meta["histogram_edges"][lo:hi + 1] if used else [],
+                               "counts": ls.histogram[i, lo:hi].tolist()}
+        report["promoted"], report["suppressed"] = (
+            [{"id": v, "token": text([v]), "logit": x} for v, x in zip(ids[i].tolist(), values[i].tolist())]
+            for ids, values in ((ls.promoted_ids, ls.promoted), (ls.suppressed_ids, ls.suppressed)))
         return report
 
 
@@ -86,6 +98,8 @@ def format_report(r: dict) -> str:
              f"  label: {r['label']}"]
     if "topic" in r:
         lines.append(f"  topic: {r['topic'] or 'none'}  precision {r['precision']:.2f}, recall {r['recall']:.2f}")
+    for name in ("promoted", "suppressed"):
+        lines.append(f"  logits {name}: " + ", ".join(f"{t['token']!r} {t['logit']:+.2f}" for t in r[name]))
     lines.append("  top tokens (mean activation, count):")
     lines += [f"    {t['token']!r:>18}  {t['mean']:8.3f}  {t['count']:>8,}" for t in r["top_tokens"]]
     lines.append("  top contexts (activation: text with the token in [[ ]]):")

@@ -2,8 +2,9 @@
 and every generated token (under the KV cache each generated token passes through the model alone, and
 the hook sees it). For a neuron that is z_{l,i,t} <- z_{l,i,t} + c on its pre-activation; how other
 units are pushed is theirs to say (`Units.steered`). Sampling follows the paper: temperature 0.7,
-top-p 0.9, top-k 50, from "Once upon a time,". Every offset is sampled with the same seed as the
-unsteered baseline, so the texts differ only by the intervention."""
+top-p 0.9, top-k 50, from "Once upon a time,", or greedy decoding (one text, reproducible anywhere: what
+an nnsight intervention on the same pre-activation gives too). Every offset is sampled with the same seed
+as the unsteered baseline, so the texts differ only by the intervention."""
 
 import contextlib
 
@@ -14,15 +15,27 @@ from ..progress import progress as progress_of
 from .settings import PROMPT
 
 
-def sample(model, tokenizer, prompt: str, samples: int, seed: int, max_new_tokens: int) -> list[str]:
-    """`samples` continuations of `prompt` (one batch), text only."""
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
+def sampling(greedy: bool = False) -> dict:
+    """Generation settings: the paper's sampling, or greedy decoding."""
+    return {"do_sample": False} if greedy else {k: v for k, v in GENERATION_DEFAULTS.items() if k != "max_new_tokens"}
+
+
+def generate(model, tokenizer, prompt: str, samples: int, seed: int, max_new_tokens: int,
+             greedy: bool = False) -> torch.Tensor:
+    """(samples, new tokens) ids of `samples` continuations of `prompt` (one batch; ended ones padded with EOS)."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
     torch.manual_seed(seed)
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), num_return_sequences=samples,
-                             **(GENERATION_DEFAULTS | {"max_new_tokens": max_new_tokens}),
+                             **sampling(greedy), max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    return out[:, ids.shape[1]:].cpu()
+
+
+def sample(model, tokenizer, prompt: str, samples: int, seed: int, max_new_tokens: int, greedy: bool = False) -> list[str]:
+    """`samples` continuations of `prompt` (one batch), text only."""
+    return tokenizer.batch_decode(generate(model, tokenizer, prompt, samples, seed, max_new_tokens, greedy),
+                                  skip_special_tokens=True)
 
 
 def topic_shares(texts: list[str], concepts) -> dict[str, float]:
@@ -81,10 +94,10 @@ def steering_success(units, tokenizer, candidates: list[dict], concepts, scales=
 
 
 def steer(units, tokenizer, layer: int, index: int, offsets: list[float], prompt: str = PROMPT, samples: int = 5,
-          seed: int = 0, max_new_tokens: int = 128, concepts=None, topic: str | None = None,
+          seed: int = 0, max_new_tokens: int = 128, concepts=None, topic: str | None = None, greedy: bool = False,
           progress: bool = True) -> dict:
-    """Texts per offset, the unsteered baseline (offset 0) first; with concepts and a topic, the share of
-    generated content words that belong to the topic."""
+    """Texts (and their token ids) per offset, the unsteered baseline (offset 0) first; with concepts and a topic,
+    the share of generated content words that belong to the topic."""
     if tokenizer is None:
         raise UserError("the model has no tokenizer: steering needs one to encode the prompt and decode the samples")
     if topic is not None and topic not in concepts.topics:
@@ -92,19 +105,20 @@ def steer(units, tokenizer, layer: int, index: int, offsets: list[float], prompt
     rows = []
     for offset in progress_of([0.0] + [c for c in offsets if c != 0], desc="steer", unit="offset", enabled=progress):
         with units.steered(layer, index, offset) if offset else contextlib.nullcontext():
-            texts = sample(units.model, tokenizer, prompt, samples, seed, max_new_tokens)
-        row = {"offset": offset, "texts": texts}
+            ids = generate(units.model, tokenizer, prompt, samples, seed, max_new_tokens, greedy)
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        row = {"offset": offset, "texts": texts, "ids": ids.tolist()}
         if topic is not None:
             hits, words = concepts.share(texts, topic)
             row |= {"topic_words": hits, "content_words": words, "share": hits / words if words else 0.0}
         rows.append(row)
     return {"neuron": f"{layer}:{index}", "units": units.name, "prompt": prompt, "samples": samples, "seed": seed,
-            "max_new_tokens": max_new_tokens, "sampling": {k: v for k, v in GENERATION_DEFAULTS.items() if k != "max_new_tokens"},
-            "topic": topic, "offsets": rows}
+            "max_new_tokens": max_new_tokens, "sampling": sampling(greedy), "topic": topic, "offsets": rows}
 
 
 def format_table(result: dict) -> str:
-    lines = [f"steering neuron {result['neuron']} from {result['prompt']!r}, seed {result['seed']}"
+    how = "greedy" if not result["sampling"]["do_sample"] else f"seed {result['seed']}"
+    lines = [f"steering neuron {result['neuron']} from {result['prompt']!r}, {how}"
              + (f"; share of generated content words in topic '{result['topic']}'" if result["topic"] else "")]
     for row in result["offsets"]:
         share = f"  {row['share']:6.1%} ({row['topic_words']}/{row['content_words']})" if "share" in row else ""

@@ -38,13 +38,14 @@ def run_until_recorded(model, tokens: torch.Tensor) -> None:
 
 def model_fingerprint(model) -> dict:
     """A model's config, alpha, step and a hash of its weights (over names, shapes and up to 65,536 evenly
-    spaced values of every tensor: fast at any size)."""
+    spaced values of every tensor: fast at any size), rounded to bf16 so that the same weights loaded in fp32
+    or bf16, on any device, have one fingerprint."""
     t = model.model
     h = hashlib.sha256()
     for name, p in sorted(t.state_dict().items()):
         flat = p.detach().reshape(-1)
         h.update(f"{name}{tuple(p.shape)}".encode())
-        h.update(flat[::max(1, flat.numel() // 65536)].float().contiguous().cpu().numpy().tobytes())
+        h.update(flat[::max(1, flat.numel() // 65536)].to(torch.bfloat16).cpu().view(torch.int16).numpy().tobytes())
     alphas = {float(m.alpha) for m in t.topk_modules()}
     return {"config": {"model": asdict(t.cfg), "topk": asdict(t.topk)}, "alpha": max(alphas, default=0.0),
             "train_step": getattr(model.config, "train_step", None), "weights": h.hexdigest()[:20]}

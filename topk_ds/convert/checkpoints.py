@@ -87,8 +87,11 @@ def run_config(source: Source) -> Config:
     return cfg
 
 
-def read_weights(source: Source) -> dict[str, torch.Tensor]:
-    """fp32 state dict with the training model's own keys (no `module.` or `model.` prefix)."""
+def read_weights(source: Source) -> dict:
+    """The state dict with the training model's own keys (no `module.` or `model.` prefix), lazily: every value
+    has `.shape`, and `.contiguous()` makes it a tensor (in the dtype it was saved in). Files are memory-mapped
+    and ZeRO-3 shards consolidated one tensor at a time (DeepSpeed's lazy mode), so a caller that casts each
+    tensor as it takes it never holds a second copy of the model."""
     if source.kind == "state_dict":
         try:
             if source.path.suffix == ".safetensors":
@@ -96,7 +99,7 @@ def read_weights(source: Source) -> dict[str, torch.Tensor]:
 
                 state = load_file(source.path)
             else:
-                state = torch.load(source.path, map_location="cpu", weights_only=True)
+                state = torch.load(source.path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # any unreadable file: truncated, not a state dict, ...
             raise UserError(f"cannot read state dict {source.path}: {str(e).splitlines()[0]}") from None
         state = state.get("module", state)
@@ -104,10 +107,12 @@ def read_weights(source: Source) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(io.StringIO()):  # it prints four lines of progress per checkpoint
-            state = get_fp32_state_dict_from_zero_checkpoint(str(source.path.parent), tag=source.path.name)
+            state = get_fp32_state_dict_from_zero_checkpoint(str(source.path.parent), tag=source.path.name,
+                                                             lazy_mode=True)
     else:  # ZeRO-0: the module's weights are in the model-states file
-        state = torch.load(source.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k.removeprefix("module.").removeprefix("model."): v.float() for k, v in state.items()}
+        state = torch.load(source.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False,
+                           mmap=True)["module"]
+    return {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
 
 
 def alpha_for(cfg: Config, step: int | None) -> float:

@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 
 from ..errors import UserError
-from ..io import atomic_output, write_json
+from ..io import atomic_output, check_new_dir, write_json
 from ..progress import progress as progress_of
 from .grammar import concept_words, document, function_words
 
@@ -19,22 +19,26 @@ def doc_rng(seed: int, index: int, stream: str = "train") -> random.Random:
 
 
 def write_synthetic_corpus(out: Path, docs: int = DEFAULT_DOCS, seed: int = 0, progress: bool = True) -> Path:
-    """Write out/corpus.jsonl (text, topics) and out/concepts.json. Same seed, same bytes."""
+    """Write the new directory `out`: corpus.jsonl (text, topics) and concepts.json, in one rename.
+    Same seed, same bytes."""
     return write_corpus(out, docs, seed, lambda i: document(doc_rng(seed, i)), "synthetic corpus", progress)
 
 
 def write_corpus(out: Path, docs: int, seed: int, make, desc: str, progress: bool = True, **meta) -> Path:
-    """out/corpus.jsonl with make(i) for every document i, and out/concepts.json (the planted topics, `meta`)."""
+    """The new directory `out` in one rename: corpus.jsonl with make(i) for every document i, and
+    concepts.json (the planted topics, and `meta`)."""
     if docs < 1:
         raise UserError(f"--docs must be >= 1, got {docs}")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "corpus.jsonl"
-    with atomic_output(path) as tmp, open(tmp, "w") as f:
-        for i in progress_of(range(docs), desc=desc, unit="doc", enabled=progress):
-            f.write(json.dumps(make(i)) + "\n")
-    write_json(out / "concepts.json", {"topics": concept_words(), "function_words": function_words(),
-                                       "seed": seed, "docs": docs, **meta})
-    return path
+    out = check_new_dir(out, "corpus synth")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(out) as tmp:
+        tmp.mkdir()
+        with open(tmp / "corpus.jsonl", "w") as f, progress_of(range(docs), desc=desc, unit="doc", enabled=progress) as bar:
+            for i in bar:
+                f.write(json.dumps(make(i)) + "\n")
+        write_json(tmp / "concepts.json", {"topics": concept_words(), "function_words": function_words(),
+                                           "seed": seed, "docs": docs, **meta})
+    return out / "corpus.jsonl"
 
 
 def load_concepts(path: Path) -> dict[str, set[str]]:

@@ -29,7 +29,7 @@ def add_commands(commands) -> None:
     corpus = commands.add_parser("corpus", help="the synthetic topic corpus (the embedded default)")
     sub = corpus.add_subparsers(dest="corpus_command", required=True, parser_class=type(corpus))
     p = sub.add_parser("synth", help="write the synthetic topic corpus as jsonl (text, topics) + concepts.json")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="new output directory (an existing one must be empty)")
     p.add_argument("--docs", type=positive, help=f"number of documents (default {DEFAULT_DOCS}, ~4.5 MB; with --long "
                    f"{DEFAULT_LONG_DOCS})")
     p.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same bytes")

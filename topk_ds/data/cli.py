@@ -21,9 +21,10 @@ Tokenize documents into packed token shards for training, memory-mappable:
 Each document becomes <s> ids </s>, encoded in batches by sentencepiece's multi-threaded encoder.
 Validation: documents with text are numbered from 0 in input order; while validation holds fewer
 than --val-tokens tokens, document i goes to it if blake2b("SEED:i") is even (about every second
-document), after that all go to training. Everything is written into a hidden .OUT.tmp-PID
-directory, manifest.json last, then renamed to OUT: an interrupted run leaves no OUT. Prepare
-does not resume: an OUT that exists and is not empty is refused.
+document), after that all go to training. Everything is written into a hidden .OUT.tmp-HOST-PID
+directory, manifest.json last, then renamed to OUT: an interrupted run (an error, Ctrl-C, SIGTERM)
+leaves no OUT, and what a killed one (kill -9) left is removed by the next. Prepare does not
+resume: an OUT that exists and is not empty is refused.
 
 A SRC is local when it exists, starts with / or ., contains * ? [ or ends in .txt/.jsonl/.parquet;
 otherwise it names a Hugging Face dataset (streamed: needs the network). Local files are read in
@@ -123,10 +124,11 @@ def add_commands(commands) -> None:
                    help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")
     p.set_defaults(run=_prepare)
 
-    p = sub.add_parser("verify", help="check every shard's size and sha256 (and the tokenizer) against the manifest",
-                       description="Check every shard's size and sha256 and the tokenizer's sha256 against "
-                       "DIR/manifest.json; with --config/--set, also the config's model.vocab_size. Prints one "
-                       "line per problem and exits 1 on any.")
+    p = sub.add_parser("verify", help="check every shard's size, sha256 and ids (and the tokenizer) against the manifest",
+                       description="Check DIR/manifest.json against itself (token counts against byte counts, the "
+                       "dtype against the vocabulary, split totals) and against the files: every shard's size, "
+                       "sha256 and largest token id, the tokenizer's sha256, vocabulary size and BOS/EOS ids; with "
+                       "--config/--set, also the config's model.vocab_size. Prints one line per problem and exits 1 on any.")
     p.add_argument("dir", type=Path, help="a prepared data directory")
     config_args(p)
     p.set_defaults(run=_verify)

@@ -9,11 +9,12 @@ blake2b(f"{seed}:{i}") is even (about every second document); after that every d
 training. So validation takes about the first 2 x --val-tokens tokens' worth of documents, and
 the same input, tokenizer and seed always give the same split.
 
-Nothing half-written: everything goes into a hidden sibling directory (.OUT.tmp-PID), manifest.json
-last, renamed to OUT in one step; an error or Ctrl-C removes it. Prepare never resumes or
-overwrites: an OUT that holds anything is refused.
+Nothing half-written: everything goes into a hidden sibling directory (topk_ds.io.atomic_output),
+manifest.json last, renamed to OUT in one step; an error, Ctrl-C or SIGTERM removes it. Prepare
+never resumes or overwrites: an OUT that holds anything is refused.
 """
 
+import contextlib
 import hashlib
 import shutil
 from itertools import chain
@@ -22,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..io import atomic_output, sha256_file, write_json
+from ..io import atomic_output, check_new_dir, sha256_file, write_json
 from .manifest import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_TOKENS, FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, tokenizer_dir
 from .sources import DocumentReader, resolve
-from .tokenizer import FILES, MODEL, check_new_dir, cpu_threads, load_sentencepiece
+from .tokenizer import FILES, MODEL, cpu_threads, load_sentencepiece
 
 BATCH_DOCS = 1024  # documents per sentencepiece call
 VAL_RULE = ("documents with text numbered from 0 in input order; while validation has fewer than val_tokens "
@@ -71,6 +72,14 @@ class ShardWriter:
             self._finish()
         return self.shards
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:  # failed or interrupted: the file goes with the temporary directory
+            with contextlib.suppress(OSError):  # its buffered bytes cannot be written either (a full disk)
+                self._file.close()
+
 
 def _val_mask(lengths: np.ndarray, first: int, have: int, want: int, seed: int) -> np.ndarray | None:
     """Which of these documents (numbered from `first`) go to validation; None when it is full."""
@@ -92,37 +101,36 @@ def _tokenize(reader: DocumentReader, sp, writers: dict, val_tokens: int, max_to
 
     docs = {"seen": 0, "not_utf8": 0, "empty": 0, "train": 0, "val": 0}
     dtype, threads, total = writers["train"].dtype, cpu_threads(), 0
-    bar = progress_of(total=max_tokens, desc="prepare", unit="tok", unit_scale=True, enabled=progress)
-    for batch in reader.batches(BATCH_DOCS):
-        keep = [i for i, text in enumerate(batch) if text]
-        ids = sp.encode([batch[i] for i in keep], add_bos=True, add_eos=True, num_threads=threads)
-        lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
-        used = len(batch)
-        if max_tokens is not None and total + lengths.sum() >= max_tokens:  # cut the stream at max_tokens
-            room = max_tokens - total
-            lengths = lengths[:int(np.searchsorted(np.cumsum(lengths), room)) + 1]
-            lengths[-1] -= lengths.sum() - room
-            used = keep[len(lengths) - 1] + 1
-        docs["seen"] += used
-        docs["not_utf8"] += sum(text is None for text in batch[:used])
-        docs["empty"] += sum(text == "" for text in batch[:used])
-        tokens = np.fromiter(chain.from_iterable(ids), dtype, count=int(lengths.sum()))
-        mask = _val_mask(lengths, docs["train"] + docs["val"], writers["val"].tokens, val_tokens, seed)
-        if mask is None:
-            writers["train"].write(tokens)
-        else:
-            to_val = np.repeat(mask, lengths)
-            writers["val"].write(tokens[to_val])
-            writers["train"].write(tokens[~to_val])
-        n_val = 0 if mask is None else int(mask.sum())
-        docs["val"] += n_val
-        docs["train"] += len(lengths) - n_val
-        total += len(tokens)
-        bar.update(len(tokens))
-        bar.set_postfix(docs=docs["seen"], refresh=False)
-        if total == max_tokens:
-            break
-    bar.close()
+    with progress_of(total=max_tokens, desc="prepare", unit="tok", unit_scale=True, enabled=progress) as bar:
+        for batch in reader.batches(BATCH_DOCS):
+            keep = [i for i, text in enumerate(batch) if text]
+            ids = sp.encode([batch[i] for i in keep], add_bos=True, add_eos=True, num_threads=threads)
+            lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
+            used = len(batch)
+            if max_tokens is not None and total + lengths.sum() >= max_tokens:  # cut the stream at max_tokens
+                room = max_tokens - total
+                lengths = lengths[:int(np.searchsorted(np.cumsum(lengths), room)) + 1]
+                lengths[-1] -= lengths.sum() - room
+                used = keep[len(lengths) - 1] + 1
+            docs["seen"] += used
+            docs["not_utf8"] += sum(text is None for text in batch[:used])
+            docs["empty"] += sum(text == "" for text in batch[:used])
+            tokens = np.fromiter(chain.from_iterable(ids), dtype, count=int(lengths.sum()))
+            mask = _val_mask(lengths, docs["train"] + docs["val"], writers["val"].tokens, val_tokens, seed)
+            if mask is None:
+                writers["train"].write(tokens)
+            else:
+                to_val = np.repeat(mask, lengths)
+                writers["val"].write(tokens[to_val])
+                writers["train"].write(tokens[~to_val])
+            n_val = 0 if mask is None else int(mask.sum())
+            docs["val"] += n_val
+            docs["train"] += len(lengths) - n_val
+            total += len(tokens)
+            bar.update(len(tokens))
+            bar.set_postfix(docs=docs["seen"], refresh=False)
+            if total == max_tokens:
+                break
     return docs
 
 
@@ -147,12 +155,13 @@ def prepare(inputs: list[str], tokenizer, out, text_field: str = "text", val_tok
     reader = DocumentReader(resolve(inputs), text_field, strict)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(out) as tmp:
+    with atomic_output(out) as tmp, contextlib.ExitStack() as files:
         tmp.mkdir()
         tokenizer_dir(tmp).mkdir()
         for f in FILES:
             shutil.copyfile(tokenizer / f, tokenizer_dir(tmp) / f)
-        writers = {split: ShardWriter(tmp, split, token_dtype(sp.vocab_size()), shard_tokens) for split in SPLITS}
+        writers = {split: files.enter_context(ShardWriter(tmp, split, token_dtype(sp.vocab_size()), shard_tokens))
+                   for split in SPLITS}
         docs = _tokenize(reader, sp, writers, val_tokens, max_tokens, seed, progress)
         shards = {split: w.close() for split, w in writers.items()}
         train, val = writers["train"].tokens, writers["val"].tokens

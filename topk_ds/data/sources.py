@@ -100,7 +100,7 @@ class DocumentReader:
         import huggingface_hub
 
         datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its "Failed to load ..." lines: ours says it once
         huggingface_hub.utils.logging.set_verbosity_error()  # no retry warnings: failures end in one UserError
         s = self.source
         try:

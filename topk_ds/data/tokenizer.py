@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
-from ..io import atomic_output
+from ..io import atomic_output, check_new_dir
 from .sources import DocumentReader, first_line, resolve
 
 MODEL = "tokenizer.model"
@@ -46,13 +46,6 @@ def load_sentencepiece(path):
         return spm.SentencePieceProcessor(model_file=str(file))
     except RuntimeError:
         raise UserError(f"{file} is not a sentencepiece model") from None
-
-
-def check_new_dir(out: Path, what: str) -> None:
-    """Refuse an --out that holds anything: commands write a new directory and rename it into place."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not empty; {what} writes a new directory: "
-                        f"choose another --out or remove it")
 
 
 def _check_llama_style(model: bytes, origin) -> None:

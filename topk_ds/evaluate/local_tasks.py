@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..corpus import doc_rng
 from ..corpus.grammar import choice_item, cloze_item, document
-from ..io import atomic_output
+from ..io import atomic_output, check_output
 from .suites import LOCAL_DIR, LOCAL_SEED
 # file -> (grammar function, random stream, items); ~0.5 MB in all
 FILES = {
@@ -22,7 +22,7 @@ TASK_FILES = ("utils.py", "topk_heldout.yaml", "topk_cloze.yaml", "topk_topic_mc
 def make_local_tasks(out: Path = LOCAL_DIR, seed: int = LOCAL_SEED) -> dict[str, int]:
     """Write the jsonl files into `out` (each atomically); anywhere but eval/local, also copy the task
     YAMLs and their loader, so `out` is a complete --include_path. Returns {file: items}."""
-    out = Path(out)
+    out = check_output(out, "eval-make-local")
     out.mkdir(parents=True, exist_ok=True)
     for name, (make, stream, n) in FILES.items():
         with atomic_output(out / name) as tmp, open(tmp, "w") as f:
@@ -30,5 +30,6 @@ def make_local_tasks(out: Path = LOCAL_DIR, seed: int = LOCAL_SEED) -> dict[str,
                 f.write(json.dumps(make(doc_rng(seed, i, stream))) + "\n")
     if out.resolve() != LOCAL_DIR.resolve():
         for name in TASK_FILES:
-            shutil.copy2(LOCAL_DIR / name, out / name)
+            with atomic_output(out / name) as tmp:
+                shutil.copy2(LOCAL_DIR / name, tmp)
     return {name: n for name, (_, _, n) in FILES.items()}

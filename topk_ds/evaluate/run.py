@@ -38,8 +38,12 @@ class ModelSpec:
 
 def evaluate(models: list[str], suite: str, tasks: list[str] | None = None, out: Path | None = None,
              batch_size: str = "16", limit: int | None = None, max_length: int = 256,
-             val_data: str | None = None) -> Path:
-    """Evaluate every model on the suite; write OUT/LABEL.json per model and OUT/table.md; print the table."""
+             val_data: str | None = None, device="cpu", dtype=None) -> Path:
+    """Evaluate every model on the suite, one after another on `device` (each freed before the next is
+    loaded); write OUT/LABEL.json per model and OUT/table.md; print the table."""
+    from ..devices import resolve
+
+    device, dtype = resolve(device, dtype)
     suite = SUITES[suite]
     tasks = _select_tasks(suite, tasks)
     specs = [describe(Path(m)) for m in models]
@@ -59,9 +63,10 @@ def evaluate(models: list[str], suite: str, tasks: list[str] | None = None, out:
     rows, names = [], _file_names(specs)
     for i, (spec, name) in enumerate(zip(specs, names), 1):
         print(f"[{i}/{len(specs)}] {spec.label}{_step(spec)}: {', '.join(tasks)}", file=sys.stderr, flush=True)
-        results = _evaluate_one(spec, loaded, task_manager, batch_size, max_length, limit)
+        results = _evaluate_one(spec, loaded, task_manager, batch_size, max_length, limit, device, dtype)
         results["topk_ds"] = {"model": str(spec.path.resolve()), "label": spec.label, "train_step": spec.step,
-                              "suite": suite.name, "max_length": max_length, "batch_size": batch_size}
+                              "suite": suite.name, "max_length": max_length, "batch_size": batch_size,
+                              "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
         _write(out / f"{name}.json", _dumps(results))
         rows.append((spec, results["results"]))
     table = markdown_table(suite, rows, limit)
@@ -189,18 +194,23 @@ def _load_tasks(suite: Suite, tasks: list[str], metadata: dict):
     return manager, loaded
 
 
-def load_model(spec: ModelSpec):
-    """(model in eval mode, tokenizer)."""
+def load_model(spec: ModelSpec, device="cpu", dtype=None):
+    """(model in eval mode on `device` in `dtype`, tokenizer)."""
+    from ..devices import resolve
+
+    device, dtype = resolve(device, dtype)
     if spec.kind == "topk":
         from ..convert.hf_export import load
 
-        return load(spec.path)
+        return load(spec.path, device=device, dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        return AutoModelForCausalLM.from_pretrained(spec.path).eval(), AutoTokenizer.from_pretrained(spec.path)
+        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(spec.path)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load {spec.path} as a Hugging Face causal LM: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), tokenizer
 
 
 def rolling_prefix(tokenizer) -> int | None:
@@ -215,15 +225,43 @@ def rolling_prefix(tokenizer) -> int | None:
 
 
 def _evaluate_one(spec: ModelSpec, tasks: list, task_manager, batch_size: str, max_length: int,
-                  limit: int | None) -> dict:
+                  limit: int | None, device, dtype) -> dict:
+    import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    model, tokenizer = load_model(spec)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
-              prefix_token_id=rolling_prefix(tokenizer))
-    return simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, limit=limit, log_samples=False,
-                           bootstrap_iters=BOOTSTRAP_ITERS)
+    from ..devices import cost_line, free_device_memory
+
+    model, tokenizer = load_model(spec, device, dtype)
+    lm = None
+    try:
+        flops = model.model.cfg.flops_per_token(max_length, training=False) if spec.kind == "topk" else \
+            2.0 * sum(p.numel() for p in model.parameters())  # another causal LM: 2 FLOPs per weight
+        print(cost_line(f"eval {spec.label}", request_tokens(tasks, tokenizer, limit), flops, device, dtype),
+              file=sys.stderr, flush=True)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
+                  prefix_token_id=rolling_prefix(tokenizer))
+        return simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, limit=limit, log_samples=False,
+                               bootstrap_iters=BOOTSTRAP_ITERS)
+    except torch.cuda.OutOfMemoryError as e:
+        raise UserError(f"{spec.label}: out of memory on {device} ({str(e).splitlines()[0]}); choose a smaller "
+                        "--batch-size (or auto, which finds the largest that fits)") from None
+    finally:
+        del model, lm  # the next model finds the device as this one did
+        free_device_memory(device)
+
+
+def request_tokens(tasks: list, tokenizer, limit: int | None, sample: int = 256) -> int:
+    """About how many tokens the model will read: the text of every request lm-eval builds for `tasks`,
+    at the tokens per character of an evenly spaced sample of them."""
+    texts = []
+    for task in tasks:
+        task.build_all_requests(limit=limit)  # lm-eval builds them again when it runs (cheap beside the model)
+        texts += ["".join(str(x) for x in instance.args) for instance in task.instances]
+    some = texts[::max(1, len(texts) // sample)]
+    chars = sum(map(len, some))
+    per_char = sum(map(len, tokenizer(some, add_special_tokens=False)["input_ids"])) / chars if chars else 0.0
+    return int(sum(map(len, texts)) * per_char)
 
 
 def _file_names(specs: list[ModelSpec]) -> list[str]:
