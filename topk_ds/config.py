@@ -48,6 +48,10 @@ class TrainConfig:
     # ranks that share each sequence (DeepSpeed-Ulysses: each runs seq_len / N positions, attention all-to-alls
     # heads); data-parallel ranks = ranks / N, and the global batch counts sequences over those
     sequence_parallel: int = 1
+    # start from these weights (a run, its checkpoints/ or a global_stepN tag) with a fresh optimizer, schedule and
+    # data order, e.g. to continue a model at a longer context (a TopK model is sparse already: topk.anneal_ratio=0);
+    # a resumed run keeps its own weights
+    init_from: str = ""
     save_every: int = 1000  # checkpoint every N optimizer steps (and at the end)
     keep_last: int = 3  # checkpoints kept; older ones are deleted
     eval_every: int = 500  # validation loss every N steps; 0 turns it off
@@ -110,6 +114,19 @@ _PRESETS = {
     # when widening D (set it explicitly for the width ablations).
     "paper-1024x8": _paper(1024, 8, 2816),
     "paper-2048x24": _paper(2048, 24, 5632),
+    # Long context (README "Long context"): paper-1024x8, trained at 1k on `corpus synth --long` data, continued at
+    # 8k on one node of 8 GPUs, each sequence split over all 8 (Ulysses: 1k positions and 2 of the 16 heads per GPU,
+    # so a GPU holds the activations of the 1k run at micro-batch 8), RoPE stretched 8x by YaRN; set
+    # train.init_from to the 1k run. Global batch 64 x 8192 tokens (the 1k run's 524,288 per step), ~1B tokens;
+    # peak LR, warmup and step count are our defaults.
+    "long": {
+        "model": {**_paper(1024, 8, 2816)["model"], "max_seq_len": 8192,
+                  "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 1024}},
+        "topk": {"k": 64, "n_nontopk": 2, "anneal_ratio": 0.0},  # continued from a finished (sparse) TopK run
+        "data": {"seq_len": 8192},
+        "train": {"out_dir": "runs/long-1024x8", "sequence_parallel": 8, "micro_batch": 8, "grad_accum": 8,
+                  "steps": 2000, "lr": 1e-4, "warmup_ratio": 0.05, "save_every": 250, "eval_every": 250},
+    },
 }
 PRESETS = {**_PRESETS, **{f"{name}-dense": {**p, "topk": {**p["topk"], "enabled": False}} for name, p in _PRESETS.items()}}
 

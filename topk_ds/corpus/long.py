@@ -28,8 +28,10 @@ def fact_sentence(key: str, value: str) -> str:
     return f"The code of the {key} is {value}."
 
 
-def long_document(rng: random.Random, length: int = DEFAULT_LENGTH, facts: int = DEFAULT_FACTS) -> dict:
-    """{"text", "topics", "facts": [{"key", "value", "spans": [[start, end] of the value in text, fact first]}]}."""
+def long_document(rng: random.Random, length: int = DEFAULT_LENGTH, facts: int = DEFAULT_FACTS,
+                  reach: int | None = None) -> dict:
+    """{"text", "topics", "facts": [{"key", "value", "spans": [[start, end] of the value in text, fact first]}]}.
+    Restatements come MIN_DISTANCE to `reach` words after their fact (default: length - MIN_DISTANCE)."""
     main, second = _topics(rng)
     writer = _Writer(rng, main, second)
     keys = rng.sample([(a, n[0]) for t in TOPIC_LIST for a in t.adjectives for n in t.nouns], facts)
@@ -50,7 +52,7 @@ def long_document(rng: random.Random, length: int = DEFAULT_LENGTH, facts: int =
     for fact in planted:
         add(fact_sentence(fact["key"], fact["value"]), fact=fact)
     # all facts are stated again, each `distance` words later; log-uniform distances cover every octave alike
-    lo, hi = math.log(MIN_DISTANCE), math.log(length - MIN_DISTANCE)
+    lo, hi = math.log(MIN_DISTANCE), math.log(max(reach or length - MIN_DISTANCE, MIN_DISTANCE))
     due = sorted((words + round(math.exp(rng.uniform(lo, hi))), i) for i in range(facts))
     while words < length or due:
         for j in range(rng.randint(4, 8)):  # a paragraph

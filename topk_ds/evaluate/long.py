@@ -28,8 +28,9 @@ from .run import _file_names, _step, _write, describe, load_model
 
 DISTANCE_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)  # retrieval: [64, 128), ..., [4096, 8192)
 POSITION_BUCKETS = (0, 256, 1024, 4096, 8192)  # perplexity: [0, 256), [256, 1k), [1k, 4k), [4k, 8k)
-SEED, FACTS, DEFAULT_DOCS = 0, 16, 32
+SEED, DEFAULT_DOCS = 0, 32
 STREAM = "long-eval"  # the training corpus uses "long"
+TOKENS_PER_WORD = 1.5  # at most, for tokenizers trained on the grammar: restatements stay inside the context
 
 
 def _label(lo: int, hi: int) -> str:
@@ -46,10 +47,11 @@ def bucket(value: int, edges: tuple[int, ...]) -> int | None:
 def documents(tokenizer, length: int, docs: int, seed: int = SEED) -> list[tuple[torch.Tensor, list[tuple[list[int], int]]]]:
     """`docs` long documents cut to `length` tokens: (ids (length,), [(value token positions of a
     restatement, token distance back to its fact)]). A word is at least one token, so a document of
-    `length` words always fills the context."""
+    `length` words always fills the context; one fact per 128 tokens, at most 16, keeps most of it prose."""
     out = []
+    facts, reach = min(16, max(1, length // 128)), int(length / TOKENS_PER_WORD)
     for i in range(docs):
-        doc = long_document(doc_rng(seed, i, STREAM), length, FACTS)
+        doc = long_document(doc_rng(seed, i, STREAM), length, facts, reach)
         enc = tokenizer(doc["text"], return_offsets_mapping=True)
         ids, offsets = enc["input_ids"][:length], enc["offset_mapping"][:length]
         if len(ids) < length:
@@ -95,9 +97,13 @@ def score(model, docs, batch_size: int = 1) -> dict:
 
 
 def evaluate_long(models: list[str], out: Path | None = None, docs: int = DEFAULT_DOCS,
-                  max_length: int | None = None, batch_size: int = 1) -> Path:
-    """Every model on the same documents; OUT/LABEL.json per model, OUT/table.md and OUT/retention.png."""
+                  max_length: int | None = None, batch_size: int = 1, device="cpu", dtype=None) -> Path:
+    """Every model on the same documents, one after another on `device`; OUT/LABEL.json per model,
+    OUT/table.md and OUT/retention.png."""
     from ..analysis.plots import retention
+    from ..devices import free_device_memory, resolve
+
+    device, dtype = resolve(device, dtype)
 
     specs = [describe(Path(m)) for m in models]
     limits = [s.max_len for s in specs if s.max_len is not None]
@@ -117,15 +123,22 @@ def evaluate_long(models: list[str], out: Path | None = None, docs: int = DEFAUL
     for i, (spec, name) in enumerate(zip(specs, names), 1):
         print(f"[{i}/{len(specs)}] {spec.label}{_step(spec)}: {docs} documents of {length} tokens",
               file=sys.stderr, flush=True)
-        model, tokenizer = load_model(spec)
+        model, tokenizer = load_model(spec, device, dtype)
         key = json.dumps(tokenizer.get_vocab(), sort_keys=True)  # same tokenizer, same documents
         if key not in cache:
             cache[key] = documents(tokenizer, length, docs)
-        result = score(model, cache[key], batch_size) | {"model": str(spec.path.resolve()), "label": spec.label,
-                                                           "train_step": spec.step, "docs": docs, "max_length": length}
+        try:
+            result = score(model, cache[key], batch_size)
+        except torch.cuda.OutOfMemoryError as e:
+            raise UserError(f"{spec.label}: out of memory on {device} ({str(e).splitlines()[0]}); choose a smaller "
+                            "--batch-size or --max-length") from None
+        finally:
+            del model
+            free_device_memory(device)
+        result |= {"model": str(spec.path.resolve()), "label": spec.label, "train_step": spec.step, "docs": docs,
+                   "max_length": length, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
         _write(out / f"{name}.json", json.dumps(result, indent=1) + "\n")
         rows.append((spec, result))
-        del model
     table = markdown_table(rows, length, docs)
     _write(out / "table.md", table + "\n")
     retention([{"name": spec.label, **result} for spec, result in rows], out / "retention.png")

@@ -6,6 +6,7 @@ optimizer, LR schedule, clipping, precision and monitors come from our config an
 here; a JSON that sets one of them differently is an error, so there is one source of truth.
 """
 
+import contextlib
 import json
 import os
 import types
@@ -118,6 +119,24 @@ def resolve_ds_config(cfg: Config, world_size: int, run_dir: Path | None = None,
     return ds
 
 
+def load_weights(model: Transformer, weights: dict, gather) -> None:
+    """Copy saved weights (train.init_from; lazy values, DeepSpeed's keys) into the model, one parameter at a time
+    made whole by `gather` (ZeRO-3)."""
+    weights = {k.removeprefix("module."): v for k, v in weights.items()}
+    params = dict(model.named_parameters())  # a tied head is the embedding: one parameter
+    missing, unexpected = set(params) - set(weights), set(weights) - set(model.state_dict())
+    if missing or unexpected:
+        raise UserError(f"train.init_from: the weights do not fit this model: missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]}")
+    for name, param in params.items():
+        with gather([param]), torch.no_grad():
+            value = weights[name].contiguous()
+            if value.shape != param.shape:
+                raise UserError(f"train.init_from: {name} has shape {tuple(value.shape)} there and "
+                                f"{tuple(param.shape)} in this model; keep the model's shape to continue it")
+            param.copy_(value)
+
+
 def param_groups(model: Transformer, weight_decay: float) -> list[dict]:
     """Weight decay on projection matrices only: never on norms or the embedding (nor a tied head)."""
     decay, no_decay = [], []
@@ -145,7 +164,7 @@ class AnnealingHook:
 
 
 class Engine:
-    def __init__(self, cfg: Config, run_dir: Path | None = None, universal: bool = False):
+    def __init__(self, cfg: Config, run_dir: Path | None = None, universal: bool = False, weights: dict | None = None):
         from torch import distributed as dist
 
         self.cfg = cfg
@@ -159,8 +178,11 @@ class Engine:
         torch.manual_seed(cfg.train.seed)
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, mpu=mpu, enabled=stage == 3):
             model = Transformer(cfg.model, cfg.topk)
+        gather = (lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)) if stage == 3 else None
         if stage == 3:  # the parameters are sharded now: make each block whole while it is initialised
-            model.init_weights(gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+            model.init_weights(gather=gather)
+        if weights is not None:  # a warm start: before the optimizer copies the parameters
+            load_weights(model, weights, gather or (lambda params: contextlib.nullcontext()))
         model.activation_checkpointing = cfg.train.activation_checkpointing
         if mpu is not None:
             self.sp_group, self.sp_rank = mpu.get_sequence_parallel_group(), mpu.get_sequence_parallel_rank()

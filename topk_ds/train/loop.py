@@ -11,7 +11,7 @@ from ..config import Config, save_config
 from ..data.dataset import GlobalSampler, TokenWindows
 from ..errors import UserError
 from ..io import write_json
-from .checkpoint import Checkpointer, TrainState, is_universal
+from .checkpoint import Checkpointer, TrainState, is_universal, saved_weights, warm_start_tag
 from .distributed import Preemption, any_rank, barrier, data_parallel, mean_over_ranks, rank, world_size
 from .engine import Engine, init_distributed
 from .monitor import Monitor, peak_flops, truncate_metrics
@@ -51,7 +51,9 @@ def train(cfg: Config, resume: str = "none") -> Path:
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.save_every, cfg.train.keep_last,
                                 is_writer=int(os.environ.get("LOCAL_RANK", 0)) == 0)
     start = checkpointer.resolve(resume, log=print if rank() == 0 else lambda m: None)
-    engine = Engine(cfg, run_dir, universal=start is not None and is_universal(start))
+    warm = warm_start_tag(cfg.train.init_from) if start is None and cfg.train.init_from else None
+    engine = Engine(cfg, run_dir, universal=start is not None and is_universal(start),
+                    weights=saved_weights(warm) if warm else None)
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dp_world
     if rank() == 0:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -80,7 +82,8 @@ def train(cfg: Config, resume: str = "none") -> Path:
                       is_rank0=rank() == 0)
     sp = cfg.train.sequence_parallel
     ranks = f"{world_size()} ranks" + (f" ({dp_world} data-parallel x {sp} sequence-parallel)" if sp > 1 else "")
-    monitor.log(f"{'resumed from ' + str(start) if start else 'started'} at step {state.step} of {cfg.train.steps}: "
+    how = f"resumed from {start}" if start else f"started from the weights of {warm}" if warm else "started"
+    monitor.log(f"{how} at step {state.step} of {cfg.train.steps}: "
                 f"{cfg.model.num_params():,} parameters, {ranks}, global batch {global_batch} x {cfg.data.seq_len} tokens")
     bad_in_a_row = 0
     with Preemption() as preemption:
