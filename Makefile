@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch comes first and pinned: unpinned, pip resolves it to a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -28,5 +28,10 @@ test-fast: install
 bench: install
 	$(BIN)/python bench/run_all.py
 
+# On a CUDA machine, from bare: a venv with a CUDA torch the driver supports (bench/gpu_setup.sh), then
+# bench/bench_gpu.py writes bench/results-gpu.md. Its CPU parts: python bench/bench_gpu.py --dry-run
+bench-gpu:
+	bash bench/gpu_setup.sh bench/bench_gpu.py
+
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) .venv-gpu *.egg-info

@@ -1,6 +1,8 @@
-"""The model's speed on CPU, fp32, 2 threads, each figure against its peer in the same run:
-(a) TopK activation fwd+bwd vs ReLU; (b) our dense Transformer vs transformers' LlamaForCausalLM
-computing the same function; (c) the TopK model vs its dense twin.
+"""The model's speed on CPU, 2 threads, each figure against its peer in the same run:
+(a) TopK activation fwd+bwd vs ReLU (fp32), and compiled by inductor vs eager on bf16 input with
+    ties (the outputs and gradients must equal eager's bit for bit); (b) our dense Transformer vs
+    transformers' LlamaForCausalLM computing the same function; (c) the TopK model vs its dense twin,
+    in fp32 and in bf16, where the TopK inputs tie at the k-th value in many rows (the share is given).
 
     python bench/bench_model.py [--quick]
 """
@@ -17,6 +19,7 @@ from topk_ds.model import ModelConfig, TopKConfig, Transformer, topk_activation 
 
 SHAPE = ModelConfig(dim=256, n_layers=4, n_heads=4, ffn_dim=688, vocab_size=4096, max_seq_len=256)
 BATCH, SEQ = 4, 256
+BF16_BATCH, BF16_SEQ = 2, 128  # bf16 matmuls are ~25x slower on CPUs without bf16 units
 
 
 def ms(seconds: float) -> float:
@@ -40,7 +43,32 @@ def activation_figures(repeats: int) -> list[Figure]:
         ours, peer = timeit_pair(topk, relu, repeats, warmup=2)
         figures.append(Figure(f"topk_activation fwd+bwd, 4096 x {dim}, k=64", ms(ours), "ms", "relu fwd+bwd",
                               ms(peer), ours / peer, "time vs peer (lower is better)"))
-    return figures
+    return figures + [compiled_figure(repeats)]
+
+
+def compiled_figure(repeats: int) -> Figure:
+    """topk_activation through torch.compile(fullgraph=True) (inductor) vs eager, bf16 input with ties."""
+    x = (torch.randint(-8, 9, (4096, 1024)) / 4).bfloat16().requires_grad_()
+    grad = torch.randn(4096, 1024).bfloat16()
+    compiled = torch.compile(topk_activation, fullgraph=True)
+    results = []
+    for fn in (topk_activation, compiled):
+        x.grad = None
+        y = fn(x, 64, 0.25)
+        y.backward(grad)
+        results.append((y, x.grad))
+    equal = all(torch.equal(a, b) for a, b in zip(*results))
+
+    def run(fn):
+        def once():
+            x.grad = None
+            fn(x, 64, 0.25).backward(grad)
+        return once
+
+    ours, peer = timeit_pair(run(compiled), run(topk_activation), repeats, warmup=2)
+    return Figure(f"topk_activation fwd+bwd compiled (inductor, fullgraph), 4096 x 1024 bf16 with ties, alpha=0.25, "
+                  f"equal to eager bit for bit: {'yes' if equal else 'NO'}", ms(ours), "ms", "eager", ms(peer), ours / peer,
+                  "time vs peer (lower is better)")
 
 
 def hf_llama(model: Transformer):
@@ -104,7 +132,26 @@ def model_figures(repeats: int) -> list[Figure]:
                                  lambda: step(dense, tokens, targets, ours_logits), repeats, warmup=2)
         figures.append(Figure(f"TopK model (k=64 on 2 of 4 blocks, alpha={alpha:g}) fwd+bwd, {what}", ms(ours),
                               "ms", "dense twin", ms(peer), ours / peer, "time vs peer (lower is better)", "<= 1.05"))
+
+    # bf16: the TopK inputs tie at the k-th value in many rows, the case the sync-free selection is for
+    topk, dense = topk.bfloat16(), dense.bfloat16()
+    topk.set_alpha(0.0)
+    tokens, targets = tokens[:BF16_BATCH, :BF16_SEQ], targets[:BF16_BATCH, :BF16_SEQ]
+    tie_share = []
+    hook = topk.layers[0].act.register_forward_pre_hook(lambda m, args: tie_share.append(kth_ties(args[0], 64)))
+    ours, peer = timeit_pair(lambda: step(topk, tokens, targets, ours_logits),
+                             lambda: step(dense, tokens, targets, ours_logits), max(3, repeats // 5), warmup=1)
+    hook.remove()
+    figures.append(Figure(f"TopK model (k=64 on 2 of 4 blocks, alpha=0) fwd+bwd in bf16, {tie_share[0]:.0%} of the TopK "
+                          f"inputs tie at the k-th value, D={SHAPE.dim} L={SHAPE.n_layers} seq {BF16_SEQ} batch {BF16_BATCH}",
+                          ms(ours), "ms", "dense twin", ms(peer), ours / peer, "time vs peer (lower is better)", "<= 1.05"))
     return figures
+
+
+def kth_ties(x: torch.Tensor, k: int) -> float:
+    """Share of rows whose k-th and (k+1)-th largest values are equal."""
+    top = x.detach().float().topk(k + 1, dim=-1).values
+    return (top[..., k - 1] == top[..., k]).float().mean().item()
 
 
 def run(quick: bool) -> list[Figure]:

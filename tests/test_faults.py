@@ -138,6 +138,10 @@ def test_corpus_synth_refuses_a_directory_holding_other_files(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["corpus.jsonl"] and (tmp_path / "corpus.jsonl").read_text() == "my own data\n"
 
 
+def test_a_negative_count_names_the_bound_it_misses(tmp_path, capsys):
+    assert_one_error(cli_main(capsys, "corpus", "synth", "--out", tmp_path / "c", "--docs", -5), "--docs", ">= 1, got -5")
+
+
 # --- a full disk and a file-size limit: the line names the output and the cause; nothing is left -------
 
 @pytest.fixture(scope="module")

@@ -181,3 +181,135 @@ def test_bad_input_is_one_line(args, message, capsys):
     assert message in err and len(err.strip().splitlines()) == 1
     with pytest.raises(UserError):
         plan(load_config("tiny"), 0)
+
+
+# The communication model. tiny: D=64 F=128 L=4 V=512, P = 229,952 parameters, micro-batch 8 x seq 64,
+# grad_accum 1. With a persistence threshold of 0 every tensor is partitioned and every module with
+# parameters is one fetch unit: 7 per block (2 norms, wqkv, wo, w1, w2, w3) + embedding, final norm, head.
+P, UNITS = 229_952, 4 * 7 + 3
+ALL_PARTITIONED = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "overlap_comm": False,
+                                         "reduce_bucket_size": 100_000}}
+SLOW_LINKS = {"nvlink": 1e9, "ib": 1e8, "latency": 0.0}  # round numbers for hand computation
+
+
+def by_name(p):
+    return {r["name"].split(" (")[0]: r for r in p["communication"]["collectives"]}
+
+
+def test_zero3_bytes_per_step_by_hand():
+    # 2 nodes x 4 GPUs: a collective over S bytes moves S (g-1)/g = 3/4 S over NVLink and S (n-1)/(n g)
+    # = 1/8 S over InfiniBand per GPU (hierarchical; together a ring's S (N-1)/N = 7/8 S)
+    p = plan(load_config("tiny", ["model.vocab_size=512"]), 4, nodes=2, ds_config=ALL_PARTITIONED, **SLOW_LINKS)
+    assert p["params"]["partitioned"] == P and p["params"]["fetch_units"] == UNITS
+    rows = by_name(p)
+    S = 2 * P  # bf16
+    for name in ("parameter all-gather, forward", "parameter all-gather, backward", "gradient reduce-scatter"):
+        assert rows[name]["nvlink_bytes"] == 3 / 4 * S and rows[name]["ib_bytes"] == S / 8
+        assert rows[name]["seconds"] == pytest.approx(3 / 4 * S / 1e9 + S / 8 / 1e8)
+    assert rows["parameter all-gather, forward"]["calls"] == UNITS
+    assert rows["gradient reduce-scatter"]["calls"] == 3  # ceil(229,952 / 100,000)
+    comm = p["communication"]
+    assert comm["nvlink_bytes_per_step"] == pytest.approx(3 * 3 / 4 * S)
+    assert comm["ib_bytes_per_step"] == pytest.approx(3 * S / 8) and comm["pcie_bytes_per_step"] == 0
+    # overlap_comm off: every byte is exposed on top of the compute
+    compute = 8 * 64 * 1_376_256 / (989e12 * 0.4)
+    assert p["step"]["seconds"] == pytest.approx(compute + 3 * (3 / 4 * S / 1e9 + S / 8 / 1e8))
+    assert p["training"]["seconds"] == pytest.approx(20e9 / (8 * 8 * 64) * p["step"]["seconds"])
+
+
+def test_zero_plus_plus_and_overlap_by_hand():
+    zpp = {"zero_optimization": {**ALL_PARTITIONED["zero_optimization"], "zero_hpz_partition_size": 4,
+                                 "zero_quantized_weights": True, "zero_quantized_gradients": True}}
+    p = plan(load_config("tiny", ["model.vocab_size=512"]), 4, nodes=2, ds_config=zpp, **SLOW_LINKS)
+    rows = by_name(p)
+    assert rows["parameter all-gather, forward"]["ib_bytes"] == P / 8  # qwZ: int8
+    assert rows["parameter all-gather, backward"]["nvlink_bytes"] == 3 / 4 * P  # hpZ: within the node, int8
+    assert rows["parameter all-gather, backward"]["ib_bytes"] == 0
+    assert rows["gradient reduce-scatter"]["ib_bytes"] == 0.5 * P / 8  # qgZ: int4
+    assert p["memory"]["zero_buffers"] == 2 * 100_000 + 2 * P + P // 4  # reduce bucket, prefetch (the model), hpZ copy
+    # with overlap the collectives hide behind a long enough compute; without a long one only the excess shows
+    hidden = plan(load_config("tiny", ["model.vocab_size=512"]), 4, nodes=2, mfu=1e-6,
+                  ds_config={"zero_optimization": {**zpp["zero_optimization"], "overlap_comm": True}}, **SLOW_LINKS)
+    assert hidden["step"]["exposed_communication_seconds"] == 0
+    shown = plan(load_config("tiny", ["model.vocab_size=512"]), 4, nodes=2,
+                 ds_config={"zero_optimization": {**zpp["zero_optimization"], "overlap_comm": True}}, **SLOW_LINKS)
+    compute, rows = shown["step"]["compute_seconds"], by_name(shown)
+    forward = rows["parameter all-gather, forward"]["seconds"]
+    backward = rows["parameter all-gather, backward"]["seconds"] + rows["gradient reduce-scatter"]["seconds"]
+    assert shown["step"]["exposed_communication_seconds"] == pytest.approx(
+        max(0, forward - compute / 3) + max(0, backward - 2 * compute / 3))
+
+
+def test_zero2_and_offload_bytes_by_hand():
+    cfg = load_config("tiny", ["model.vocab_size=512", "train.grad_accum=2"])
+    p = plan(cfg, 4, nodes=2, zero=2, **SLOW_LINKS)
+    rows, S = by_name(p), 2 * P
+    assert rows["gradient reduce-scatter"]["per_step"] == 2  # every micro-step
+    assert rows["parameter all-gather after the optimizer step"]["per_step"] == 1
+    assert p["communication"]["nvlink_bytes_per_step"] == pytest.approx(3 * 3 / 4 * S)
+    assert p["zero"]["overlap_comm"] is False  # DeepSpeed's default below stage 3
+    offloaded = plan(cfg, 4, nodes=2, zero=3, offload=True, ds_config=ALL_PARTITIONED, **SLOW_LINKS)
+    host = {r["name"]: r for r in offloaded["communication"]["collectives"] if r["pcie_bytes"]}
+    assert offloaded["communication"]["pcie_bytes_per_step"] == pytest.approx(
+        2 * (2 * 2 * P / 8) + 2 * (4 * P / 8) + 2 * P / 8)  # shards in per pass, fp32 grads out, params back
+    assert len(host) == 3
+
+
+def test_module_granularity_threshold_fetch_units():
+    from topk_ds.plan import fetch_units
+
+    for preset, threshold, units in (("paper-2048x24", 0, 24 * 5 + 2), ("paper-2048x24", 6e6, 24 + 2),
+                                     ("paper-1024x8", 6e6, 1)):
+        m = load_config(preset, ["model.vocab_size=32000"]).model
+        with torch.device("meta"):
+            model = Transformer(m, load_config(preset).topk)
+        assert fetch_units(model, 100_000, threshold) == units, (preset, threshold)
+
+
+def test_fetch_unit_granularity_is_deepspeeds():
+    """Our restatement of DeepSpeed's granularity rule against its own (private) computation."""
+    import sys
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+
+    from topk_ds.plan import fetch_units
+
+    model = Transformer(load_config("tiny", ["model.vocab_size=512"]).model, load_config("tiny").topk)
+    for p in model.parameters():
+        p.ds_numel = p.numel()
+    ds = SimpleNamespace(min_granularity_value=sys.maxsize, min_granularity_layer=None, granularity_info=set())
+    ds._get_granularity_recursively = lambda m: DeepSpeedZeRoOffload._get_granularity_recursively(ds, m)
+    DeepSpeedZeRoOffload._get_granularity_recursively(ds, model)
+    block = model.layers[0].ds_model_granularity
+    assert fetch_units(model, 0, block) == 4 + 3 and fetch_units(model, 0, block - 1) == UNITS
+
+
+def test_cli_stages_side_by_side_and_ds_config(capsys):
+    main(["plan", "--config", "paper-2048x24", "--gpus-per-node", "8", "--nodes", "4", "--zero", "1,2,3",
+          "--ds-config", "ds_configs/zero3_2048x24_zeropp.json"])
+    text = capsys.readouterr().out
+    assert "ZeRO-1" in text and "ZeRO-2" in text and "ZeRO-3 (hpZ 8, qwZ, qgZ)" in text
+    assert "global batch (micro x accum x GPUs) changes with the GPU count: 2,048 sequences here, 512 with the " \
+           "config on 8 GPUs" in text and "train.grad_accum=1" in text
+    main(["plan", "--config", "paper-2048x24", "--gpus-per-node", "8", "--ds-config", "ds_configs/zero3_offload.json",
+          "--json"])
+    p = json.loads(capsys.readouterr().out)
+    assert p["zero"]["offload_optimizer"] and p["zero"]["offload_params"] and p["communication"]["pcie_bytes_per_step"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tokens", "inf"], "argument --tokens: expected a finite number, got 'inf'"),
+    (["--tokens", "nan"], "argument --tokens: expected a finite number, got 'nan'"),
+    (["--zero", "1,x"], "expected stages like 3 or 1,2,3"),
+    (["--ds-config", "ds_configs/zero3_2048x24_zeropp.json", "--gpus-per-node", "4"],
+     "zero_hpz_partition_size=8 exceeds the 4 GPUs"),
+    (["--ds-config", "ds_configs/zero3_2048x24.json", "--set", "model.vocab_size=512"],
+     "--ds-config: stage3_module_granularity_threshold=6,000,000 makes the whole model one fetch unit"),
+])
+def test_more_bad_input_is_one_line(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--config", "tiny", "--gpus-per-node", "8", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -1,22 +1,59 @@
-"""The TopK activation against a naive re-implementation of eq. 1-3, and the annealing schedules."""
+"""The TopK activation against a naive re-implementation of eq. 1-3 and against the previous
+(tie-resolving) implementation, under torch.compile, and the annealing schedules."""
+
+import math
 
 import pytest
 import torch
 
+from topk_ds.model import ModelConfig, TopK, TopKConfig
+from topk_ds.model.llama import Block, rope_cos_sin
 from topk_ds.model.topk import SCHEDULES, alpha, topk_activation, topk_indices
 
 
+def naive_mask(x, k):
+    """Per vector: sort with NaN first, then by value (-0.0 equal to 0.0), ties to the lower index; keep k."""
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    flat, res = x.reshape(-1, x.shape[-1]), mask.view(-1, x.shape[-1])
+    for r, row in enumerate(flat.tolist()):
+        order = sorted(range(len(row)), key=lambda i: (not math.isnan(row[i]), 0.0 if math.isnan(row[i]) else -row[i], i))
+        res[r, order[:k]] = True
+    return mask
+
+
 def naive(x, k, a, act):
-    """Eq. 3 written out per vector: sort with ties to the lower index, keep k, f, blend."""
-    f = torch.relu if act == "relu" else (lambda t: t)
-    out = torch.empty_like(x)
-    flat, res = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
-    for r, row in enumerate(flat):
-        order = sorted(range(len(row)), key=lambda i: (-row[i].item(), i))
-        mask = torch.zeros_like(row)
-        mask[order[:k]] = 1
-        res[r] = f(row) * (a + (1 - a) * mask)
-    return out
+    """Eq. 3 written out: f(x) * (alpha + (1 - alpha) * mask), i.e. f(x) on the kept entries and
+    alpha * f(x) elsewhere, alpha in x's dtype."""
+    f = torch.relu(x) if act == "relu" else x
+    return torch.where(naive_mask(x, k), f, f * torch.tensor(a, dtype=x.dtype))
+
+
+def previous_topk_indices(x, k):
+    """The implementation this one replaced: top-(k+1) to detect a tie at the k-th value, then the tied
+    rows resolved by index through boolean indexing (a host sync and data-dependent shapes)."""
+    if k == x.shape[-1]:
+        return x.topk(k, dim=-1).indices
+    values, idx = x.topk(k + 1, dim=-1, sorted=False)
+    low, pos = values.min(dim=-1, keepdim=True)
+    values = values.scatter(-1, pos, values[..., k:])[..., :k]
+    idx = idx.scatter(-1, pos, idx[..., k:])[..., :k]
+    tied = values.min(dim=-1).values == low.squeeze(-1)
+    if tied.any():
+        rows, kth = x[tied], low[tied]
+        above, at = rows > kth, rows == kth
+        fill = k - above.sum(dim=-1, keepdim=True)
+        idx[tied] = (above | (at & (at.cumsum(dim=-1) <= fill))).nonzero()[:, 1].view(-1, k)
+    return idx
+
+
+def as_mask(x, idx):
+    return torch.zeros(x.shape, dtype=torch.bool).scatter(-1, idx, True)
+
+
+def tied(shape, dtype, levels=5):
+    """Values from a few levels (many ties in every row), both signs of zero among them."""
+    x = torch.randint(-levels, levels + 1, shape).to(dtype) / 2
+    return torch.where(torch.rand(shape) < 0.2, torch.tensor(-0.0, dtype=dtype), x)
 
 
 @pytest.mark.parametrize("a", [0.0, 0.3, 1.0])
@@ -75,6 +112,38 @@ def test_mask_is_constant_in_backward(a):
     torch.testing.assert_close(x.grad, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape, k", [((7,), 3), ((1,), 1), ((5, 64), 64), ((3, 4, 300), 17), ((2, 2, 3, 48), 1),
+                                      ((6, 2048), 64)])
+def test_selection_with_ties_matches_naive_and_previous(dtype, shape, k):
+    for x in (tied(shape, dtype), torch.randn(shape).to(dtype)):
+        idx = topk_indices(x, k)
+        assert idx.shape == (*shape[:-1], k)
+        assert torch.equal(as_mask(x, idx), naive_mask(x, k))
+        assert torch.equal(as_mask(x, idx), as_mask(x, previous_topk_indices(x, k)))
+    for a, act in ((0.0, "relu"), (0.3, "identity")):
+        torch.testing.assert_close(topk_activation(x, k, a, act), naive(x, k, a, act), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selection_with_nan_inf_and_signed_zeros(dtype):
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[0.0, -0.0, 1.0, -0.0, 0.0, -1.0],
+                      [-inf, nan, 2.0, inf, -nan, inf],
+                      [-inf, -inf, -inf, -5.0, -inf, -inf]], dtype=dtype)
+    idx = topk_indices(x, 3)
+    assert as_mask(x, idx).tolist() == [[True, True, True, False, False, False],  # -0.0 ties with 0.0
+                                        [False, True, False, True, True, False],  # NaN above +inf
+                                        [True, True, False, True, False, False]]
+    assert torch.equal(as_mask(x, idx), naive_mask(x, 3))
+
+
+def test_wide_16_bit_rows_use_64_bit_keys():
+    x = tied((2, 70_000), torch.bfloat16)  # 16 value bits + 17 index bits exceed int32
+    expected = x.float().sort(dim=-1, descending=True, stable=True).indices[:, :100]
+    assert torch.equal(as_mask(x, topk_indices(x, 100)), as_mask(x, expected))
+
+
 def test_bf16():
     x = torch.randn(16, 256)
     xb = x.bfloat16()
@@ -121,3 +190,42 @@ def test_linear_schedule_is_the_papers():
     assert alpha(0, 1000, 0.0) == 0.0  # no annealing: pure TopK from the first step
     with pytest.raises(ValueError):
         alpha(1, 10, 0.2, "sigmoid")
+
+
+@pytest.mark.slow
+def test_compiles_whole_and_equals_eager():
+    """torch.compile(fullgraph=True) is the proof that the op has no data-dependent shapes or host
+    syncs. The op through inductor equals eager bit for bit (forward and backward, bf16 with ties, fp32);
+    a TopK block's forward + backward compiles as one graph (aot_eager: inductor's own RMSNorm
+    reduction order and silu backward differ from eager's by an ulp, which says nothing of TopK) and
+    changing alpha does not recompile it: only the end of annealing (alpha > 0 to 0) does."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    op = torch.compile(topk_activation, fullgraph=True)
+    for dtype, a, act in ((torch.bfloat16, 0.0, "relu"), (torch.float32, 0.5, "relu")):
+        x = (tied((4, 16, 64), dtype) if dtype == torch.bfloat16 else torch.randn(4, 16, 64)).requires_grad_()
+        xc = x.detach().clone().requires_grad_()
+        y, yc = topk_activation(x, 8, a, act), op(xc, 8, a, act)
+        grad = torch.randn_like(y)
+        y.backward(grad), yc.backward(grad)
+        assert torch.equal(y, yc) and torch.equal(x.grad, xc.grad), (dtype, a, act)
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, ffn_dim=96, vocab_size=97)
+    for dtype in (torch.float32, torch.bfloat16):
+        block = Block(0, cfg, TopKConfig(k=8, n_nontopk=1)).to(dtype)
+        assert isinstance(block.act, TopK)
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(block, fullgraph=True, backend=counter)
+        cos, sin = (t.to(dtype) for t in rope_cos_sin(torch.arange(16), cfg.head_dim, cfg.rope_theta))
+        x = torch.randn(2, 16, 64).to(dtype)
+        for a, graphs in ((0.5, 1), (0.25, 1), (0.0, 2)):
+            block.act.alpha = a
+            results = []
+            for run in (block, compiled):
+                h = x.clone().requires_grad_()
+                block.zero_grad()
+                out = run(h, cos, sin)
+                out.backward(torch.ones_like(out))
+                results.append([out, h.grad, *(p.grad for p in block.parameters())])
+            assert all(torch.equal(e, c) for e, c in zip(*results)), (dtype, a)
+            assert counter.frame_count == graphs

@@ -11,8 +11,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def count(text: str) -> int:
-    """A whole-number argument that may be written 20e9 or 1_000_000; >= 0."""
+def _whole(text: str, least: int) -> int:
+    """A whole number >= least, which may be written 20e9 or 1_000_000."""
     text = text.replace("_", "")
     try:
         value = int(text)
@@ -24,17 +24,19 @@ def count(text: str) -> int:
         if not value.is_integer():  # also refuses inf and nan
             raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'")
         value = int(value)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
     return value
+
+
+def count(text: str) -> int:
+    """A whole-number argument >= 0 (20e9 style accepted)."""
+    return _whole(text, 0)
 
 
 def positive(text: str) -> int:
     """A whole-number argument >= 1 (20e9 style accepted)."""
-    value = count(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return _whole(text, 1)
 
 
 def number(text: str) -> float:

@@ -370,7 +370,7 @@ def add_commands(commands) -> None:
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo", help="output directory (default demo)")
     p.add_argument("--docs", type=int, default=d.docs, help=f"synthetic documents (default {d.docs})")
-    p.add_argument("--vocab", type=int, default=d.vocab, help=f"tokenizer vocabulary (default {d.vocab})")
+    p.add_argument("--vocab", type=positive, default=d.vocab, help=f"tokenizer vocabulary (default {d.vocab})")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps per model (default {d.steps})")
     p.add_argument("--ranks", type=int, default=d.ranks, help=f"DeepSpeed CPU ranks (default {d.ranks})")
     p.add_argument("--stats-tokens", type=positive, default=d.stats_tokens,

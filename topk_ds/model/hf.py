@@ -16,6 +16,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .args import ModelConfig, TopKConfig, rope_scaling_problem
 from .llama import Transformer
+from .topk import TopK
 
 # The output's cache field: `cache` from transformers 5.24 on, `past_key_values` before.
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -92,7 +93,10 @@ class TopKLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     def _init_weights(self, module):
-        pass  # Transformer initialises itself; from_pretrained then loads every weight
+        # Transformer initialises itself and from_pretrained loads every weight; what it cannot load
+        # is alpha's buffer (not saved: alpha is in the config), which it leaves uninitialised.
+        if isinstance(module, TopK):
+            module.alpha = self.config.topk_alpha
 
     def get_input_embeddings(self):
         return self.model.tok_embeddings

@@ -7,14 +7,18 @@ here; a JSON that sets one of them differently is an error, so there is one sour
 """
 
 import contextlib
+import difflib
 import json
+import math
 import os
 import types
+from collections.abc import KeysView
 from pathlib import Path
 
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
+from pydantic import ValidationError
 
 from ..config import Config
 from ..errors import UserError
@@ -82,6 +86,8 @@ def resolve_ds_config(cfg: Config, world_size: int, run_dir: Path | None = None,
         ds = json.loads(path.read_text())
     except ValueError as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise UserError(f"{path} must hold a JSON object of DeepSpeed settings, not a {type(ds).__name__}")
     tr = cfg.train
     for key, ours in _OURS.items():
         if key in ds:
@@ -97,12 +103,10 @@ def resolve_ds_config(cfg: Config, world_size: int, run_dir: Path | None = None,
     bf16 = ds.get("bf16", {})
     if "enabled" in bf16 and bf16["enabled"] != (tr.precision == "bf16"):
         raise UserError(f"{path}: bf16.enabled={bf16['enabled']} disagrees with train.precision={tr.precision}")
-    on_cpu = get_accelerator().device_name() == "cpu"
     ds |= batch
     ds["bf16"] = bf16 | {"enabled": tr.precision == "bf16"}
     ds["gradient_clipping"] = tr.grad_clip
-    ds["optimizer"] = {"type": "AdamW", "params": {"lr": tr.lr, "betas": tr.betas, "eps": 1e-8,
-                                                   "weight_decay": tr.weight_decay, "torch_adam": on_cpu}}
+    ds["optimizer"] = adamw(cfg, ds, get_accelerator().device_name())
     ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
         "total_num_steps": tr.steps, "warmup_min_ratio": 0.0, "warmup_type": "linear",
         "warmup_num_steps": max(1, round(tr.warmup_ratio * tr.steps)), "cos_min_ratio": tr.min_lr_ratio}}
@@ -116,6 +120,7 @@ def resolve_ds_config(cfg: Config, world_size: int, run_dir: Path | None = None,
     if tr.sequence_parallel > 1 and not ds.get("zero_optimization", {}).get("stage", 0):
         raise UserError(f"{path}: train.sequence_parallel needs ZeRO stage 1, 2 or 3 (without ZeRO, DeepSpeed 0.19.8 "
                         "reduces the gradient norm over the sequence-parallel group)")
+    validate_ds_config(ds, path)
     return ds
 
 
@@ -135,6 +140,125 @@ def load_weights(model: Transformer, weights: dict, gather) -> None:
                 raise UserError(f"train.init_from: {name} has shape {tuple(value.shape)} there and "
                                 f"{tuple(param.shape)} in this model; keep the model's shape to continue it")
             param.copy_(value)
+
+
+def fused_adam_prebuilt() -> bool:
+    """Whether DeepSpeed's FusedAdam op was compiled when DeepSpeed was installed (DS_BUILD_FUSED_ADAM=1)."""
+    from deepspeed.git_version_info import accelerator_name, installed_ops
+
+    return bool(installed_ops.get("fused_adam")) and accelerator_name == get_accelerator()._name
+
+
+def adamw(cfg: Config, ds: dict, device_name: str) -> dict:
+    """DeepSpeed's optimizer block: AdamW with our hyper-parameters. DeepSpeed's own AdamW on a GPU is
+    FusedAdam, which compiles itself with nvcc at first use, and pip-only CUDA images have no nvcc:
+    so torch's AdamW with its fused kernels ("torch_adam"; DeepSpeed passes "fused" on to it) unless
+    FusedAdam was built at install time. With the optimizer offloaded DeepSpeed's CPU Adam stays (a
+    torch optimizer there is slow, and refused when passed as a client optimizer). CPU ranks always
+    take torch's AdamW."""
+    tr = cfg.train
+    params = {"lr": tr.lr, "betas": tr.betas, "eps": 1e-8, "weight_decay": tr.weight_decay}
+    offload = ((ds.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")
+    if device_name == "cpu" or (offload in ("none", None) and not fused_adam_prebuilt()):
+        params |= {"torch_adam": True, "fused": True}
+    return {"type": "AdamW", "params": params}
+
+
+class _ReadKeys(dict):
+    """A dict that remembers which keys were looked up, to find the ones DeepSpeed never reads."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read = set()
+
+    def __copy__(self):  # DeepSpeedConfig parses a copy: share the record
+        copy = _ReadKeys(self)
+        copy.read = self.read
+        return copy
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+    def keys(self):  # DeepSpeed also asks `key in config.keys()`
+        return _ReadKeysView(self)
+
+
+class _ReadKeysView(KeysView):
+    def __contains__(self, key):
+        return key in self._mapping
+
+
+class _OneRank:
+    """An mpu for DeepSpeedConfig: a data-parallel size of one, whatever the process group (our own
+    check has compared the batch sizes with the real number of ranks already)."""
+
+    @staticmethod
+    def get_data_parallel_world_size() -> int:
+        return 1
+
+
+def validate_ds_config(ds: dict, path: Path) -> None:
+    """DeepSpeed's own parser (DeepSpeedConfig and its pydantic models of ZeRO, bf16, ...) on the
+    resolved config, before anything is written, with its errors as one line. A top-level key it
+    never reads is a knob it does not know (DeepSpeed itself would silently ignore a typo)."""
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+
+    one_rank = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
+    tracked = _ReadKeys(ds | {"train_batch_size": one_rank})
+    try:
+        DeepSpeedConfig(tracked, mpu=_OneRank())
+    except ValidationError as e:
+        error = e.errors()[0]
+        where = ".".join(map(str, error["loc"]))
+        sections = [key for key, value in ds.items() if isinstance(value, dict) and error["loc"][0] in value]
+        if len(sections) == 1:  # the pydantic model knows its fields, not the JSON key it was read from
+            where = f"{sections[0]}.{where}"
+        raise UserError(f"{path}: DeepSpeed {deepspeed.__version__} rejects {where}={error.get('input')!r} "
+                        f"({e.title}): {error['msg']}") from None
+    except (DeepSpeedConfigError, AssertionError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: DeepSpeed {deepspeed.__version__} rejects it: {str(e).strip().splitlines()[0]}") from None
+    for key in ds:
+        if key not in tracked.read:
+            near = difflib.get_close_matches(key, tracked.read, n=1)
+            raise UserError(f"{path}: '{key}' is not a DeepSpeed {deepspeed.__version__} setting"
+                            + (f"; did you mean '{near[0]}'?" if near else ""))
+
+
+def module_granularity(module: torch.nn.Module) -> float:
+    """DeepSpeed's granularity of a module (runtime/zero/parameter_offload.py): its parameters //
+    the modules below it, itself included, that hold parameters or are composites holding some
+    (containers such as ModuleList excluded); infinite above 1e9 parameters. Under
+    stage3_module_granularity_threshold, the outermost modules at or below the threshold are fetched
+    as one unit."""
+    counted = [m for m in module.modules() if list(m.parameters(recurse=False)) or (
+        any(m.children()) and type(m).__name__ not in torch.nn.modules.container.__all__ and list(m.parameters()))]
+    params = sum(p.numel() for p in module.parameters())
+    return params // len(counted) if counted and params <= 1e9 else math.inf
+
+
+def check_granularity(cfg: Config, ds: dict, where: str) -> None:
+    """DeepSpeed 0.19.8 fails in backward when the granularity threshold makes the whole model one
+    fetch unit ("output with shape [1] doesn't match the broadcast shape"): refuse that up front."""
+    zero = ds.get("zero_optimization") or {}
+    threshold = zero.get("stage3_module_granularity_threshold", zero.get("module_granularity_threshold", 0))
+    if zero.get("stage") != 3 or not threshold:
+        return
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.topk)
+    whole, block = module_granularity(model), module_granularity(model.layers[0])
+    if threshold >= whole:
+        raise UserError(f"{where}: stage3_module_granularity_threshold={threshold:,} makes the whole model one fetch "
+                        f"unit (its granularity is {whole:,}), which DeepSpeed {deepspeed.__version__} cannot train; "
+                        f"choose a value below that" + (f" (from {block:,} up, each block is one unit)" if block < whole else ""))
 
 
 def param_groups(model: Transformer, weight_decay: float) -> list[dict]:
@@ -170,6 +294,7 @@ class Engine:
         self.cfg = cfg
         self.sp = cfg.train.sequence_parallel
         self.ds_config = resolve_ds_config(cfg, dist.get_world_size() // self.sp, run_dir, universal)
+        check_granularity(cfg, self.ds_config, cfg.train.ds_config)
         mpu = sequence_parallel_state(self.sp) if self.sp > 1 else None
         if run_dir is not None and cfg.train.wandb != "disabled":
             os.environ["WANDB_MODE"] = cfg.train.wandb  # the config decides, whatever the shell exported
@@ -189,6 +314,8 @@ class Engine:
             model.set_attention(ulysses_attention(self.sp_group))
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
                                                config=self.ds_config, mpu=mpu)
+        if cfg.train.compile:
+            model.compile_blocks()
         self.model = model
         self.device = device()
         self.annealing = AnnealingHook(self.engine, cfg.train.steps, cfg.topk.anneal_ratio, cfg.topk.anneal)

@@ -1,5 +1,9 @@
 """The health of every TopK layer during training: mean L0 per token, and the share of neurons that
-never fired in a window of optimizer steps."""
+never fired in a window of optimizer steps.
+
+The hooks only add to counters that live on the device (no host sync per layer per micro-step, and
+torch.compile can trace them inside a compiled block); `collect` reads them once per optimizer step.
+"""
 
 import torch
 import torch.distributed as dist
@@ -13,37 +17,40 @@ class TopKHealth:
 
     def __init__(self, model, window: int):
         self.window = window
-        self.layers = [i for i, site in enumerate(model.sites()) if isinstance(site, TopK)]
-        self.l0 = torch.zeros(len(self.layers), dtype=torch.float64)
-        self.tokens = torch.zeros(len(self.layers), dtype=torch.float64)
-        self.fired: list[torch.Tensor | None] = [None] * len(self.layers)
         sites = model.sites()
+        self.layers = [i for i, site in enumerate(sites) if isinstance(site, TopK)]
+        if not self.layers:
+            return
+        device = sites[self.layers[0]].alpha_tensor.device
+        self.counts = torch.zeros(len(self.layers), 2, dtype=torch.int64, device=device)  # (non-zeros, tokens)
+        self.fired = torch.zeros(len(self.layers), model.topk.width(model.cfg), dtype=torch.bool, device=device)
         for j, layer in enumerate(self.layers):
-            sites[layer].register_forward_hook(self._hook(j))
+            sites[layer].register_forward_hook(self._hook(self.counts[j], self.fired[j]))
 
-    def _hook(self, j):
+    @staticmethod
+    def _hook(counts: torch.Tensor, fired: torch.Tensor):
+        # views of this layer's rows, not an index: compiled blocks then share one graph
         def record(module, inputs, out):
             if not module.training:
                 return
             nonzero = out.detach().flatten(0, -2) != 0  # (tokens, width)
-            self.l0[j] += nonzero.sum().item()
-            self.tokens[j] += nonzero.shape[0]
-            fired = nonzero.any(0)
-            self.fired[j] = fired if self.fired[j] is None else self.fired[j] | fired
+            counts[0] += nonzero.sum()
+            counts[1] += nonzero.shape[0]
+            fired.logical_or_(nonzero.any(0))
         return record
 
-    def collect(self, step: int, device) -> dict:
+    def collect(self, step: int) -> dict:
         """Mean L0 of the step's tokens per layer; at the end of a window, the never-fired share."""
         if not self.layers:
             return {}
-        l0 = mean_over_ranks((self.l0 / self.tokens.clamp(min=1)).to(device)).cpu()
-        out = {f"topk/l0/layer{i}": float(v) for i, v in zip(self.layers, l0)}
-        self.l0.zero_(), self.tokens.zero_()
-        if step % self.window == 0 and all(f is not None for f in self.fired):
-            fired = torch.stack(self.fired).to(device=device, dtype=torch.uint8)
+        values = mean_over_ranks(self.counts[:, 0].double() / self.counts[:, 1].clamp(min=1))
+        self.counts.zero_()
+        names = [f"topk/l0/layer{i}" for i in self.layers]
+        if step % self.window == 0:
+            fired = self.fired.to(torch.uint8)
             if dist.is_initialized():
                 dist.all_reduce(fired, op=dist.ReduceOp.MAX)
-            dead = 1.0 - fired.float().mean(dim=1).cpu()
-            out |= {f"topk/dead/layer{i}": float(v) for i, v in zip(self.layers, dead)}
-            self.fired = [None] * len(self.layers)
-        return out
+            values = torch.cat([values, 1.0 - fired.double().mean(dim=1)])
+            names += [f"topk/dead/layer{i}" for i in self.layers]
+            self.fired.zero_()
+        return dict(zip(names, values.tolist()))  # the one host sync of the step

@@ -1,5 +1,6 @@
 """The training loop: the story of a run, one concern per call."""
 
+import functools
 import math
 import os
 import time
@@ -15,6 +16,7 @@ from .checkpoint import Checkpointer, TrainState, is_universal, saved_weights, w
 from .distributed import Preemption, any_rank, barrier, data_parallel, mean_over_ranks, rank, world_size
 from .engine import Engine, init_distributed
 from .monitor import Monitor, peak_flops, truncate_metrics
+from .prefetch import Prefetcher
 
 
 def open_data(cfg: Config) -> tuple[TokenWindows, TokenWindows | None]:
@@ -86,15 +88,18 @@ def train(cfg: Config, resume: str = "none") -> Path:
     monitor.log(f"{how} at step {state.step} of {cfg.train.steps}: "
                 f"{cfg.model.num_params():,} parameters, {ranks}, global batch {global_batch} x {cfg.data.seq_len} tokens")
     bad_in_a_row = 0
-    with Preemption() as preemption:
+    next_indices = functools.partial(sampler.next_step, dp_rank, dp_world, cfg.train.micro_batch)
+    with Preemption() as preemption, Prefetcher(data.batch, next_indices, sampler.state_dict,
+                                                pin_memory=engine.device.type == "cuda") as prefetch:
         while state.step < cfg.train.steps:
             started, lr = time.perf_counter(), engine.lr
-            losses = [engine.micro_step(data.batch(idx)) for idx in sampler.next_step(dp_rank, dp_world, cfg.train.micro_batch)]
+            batches, sampler_state = prefetch.next_step()
+            losses = [engine.micro_step(batch) for batch in batches]
             loss = mean_over_ranks(torch.stack(losses).float().mean()).item()
             report = engine.step_report()
             step_time = time.perf_counter() - started
             state.step, state.tokens = engine.step, state.tokens + global_batch * cfg.data.seq_len
-            state.sampler, state.skipped_steps = sampler.state_dict(), report["skipped"]
+            state.sampler, state.skipped_steps = sampler_state, report["skipped"]
 
             good = report["applied"] and math.isfinite(loss)
             bad_in_a_row = 0 if good else bad_in_a_row + 1
@@ -107,7 +112,7 @@ def train(cfg: Config, resume: str = "none") -> Path:
                 monitor.log(f"step {state.step}: validation loss {val_loss:.4f}, perplexity {extra['val_ppl']:.2f}")
             monitor.step(state.step, loss, step_time=step_time, lr=lr, alpha=engine.annealing.alpha_of(state.step - 1),
                          grad_norm=report["grad_norm"], applied=good, skipped_total=state.skipped_steps,
-                         tokens=state.tokens, device=engine.device, extra=extra)
+                         tokens=state.tokens, extra=extra)
             if bad_in_a_row >= cfg.train.max_bad_steps:
                 last = checkpointer.last_saved or "none (no checkpoint was saved yet)"
                 monitor.close()

@@ -70,14 +70,14 @@ class Monitor:
             self.logfile.flush()
 
     def step(self, step: int, loss: float, *, step_time: float, lr: float, alpha: float, grad_norm,
-             applied: bool, skipped_total: int, tokens: int, device, extra: dict | None = None) -> dict:
+             applied: bool, skipped_total: int, tokens: int, extra: dict | None = None) -> dict:
         tokens_per_s = self.tokens_per_step / step_time
         record = {"step": step, "loss": loss, "lr": lr, "alpha": alpha,
                   "grad_norm": None if grad_norm is None or not math.isfinite(grad_norm) else float(grad_norm),
                   "tokens": tokens, "tokens_per_s": tokens_per_s,
                   "mfu": self.flops_per_token * tokens_per_s / (self.peak[0] * self.world),
                   "step_applied": applied, "skipped_steps": skipped_total}
-        record |= self.health.collect(step, device) | (extra or {})
+        record |= self.health.collect(step) | (extra or {})
         if self.is_rank0:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
