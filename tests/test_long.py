@@ -235,3 +235,29 @@ def test_long_context_recipe_on_cpu(synthetic_data, tmp_path):
     for a, b in zip(straight[4:], one[4:]):
         assert a["tokens"] == b["tokens"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_planner_divides_activations_and_adds_the_all_to_alls():
+    """tiny on 8 GPUs: N-way sequence parallelism holds seq_len / N positions per GPU (activations / N),
+    data-parallel GPUs = 8 / N, and adds Ulysses' 4 all-to-alls per layer and pass, the same for TopK and
+    dense: per layer, micro 8 x 64/N positions x (2 x 4 + 2 x 4 heads) x 16 dims, bf16, (N - 1)/N sent."""
+    from topk_ds.config import load_config
+    from topk_ds.errors import UserError
+    from topk_ds.plan import plan
+
+    def of(config, sp, *extra):
+        return plan(load_config(config, ["model.vocab_size=512", f"train.sequence_parallel={sp}", *extra]), 4, 2)
+
+    one, two, dense = of("tiny", 1), of("tiny", 2), of("tiny-dense", 2)
+    assert two["batch"]["global_batch"] == one["batch"]["global_batch"] // 2 == 8 * 4
+    assert two["memory"]["plain"]["activations_saved"] * 2 == one["memory"]["plain"]["activations_saved"]
+    rows = [r for r in two["communication"]["collectives"] if "all-to-all" in r["name"]]
+    per_layer = 2 * 8 * 32 * (2 * 4 + 2 * 4) * 16 / 2
+    assert [(r["calls"], r["nvlink_bytes"], r["ib_bytes"]) for r in rows] == [(16, 4 * per_layer, 0.0)] * 2
+    assert rows == [r for r in dense["communication"]["collectives"] if "all-to-all" in r["name"]]
+    assert not [r for r in one["communication"]["collectives"] if "all-to-all" in r["name"]]
+    spans = plan(load_config("tiny", ["model.vocab_size=512", "train.sequence_parallel=4"]), 2, 2)
+    rows = [r for r in spans["communication"]["collectives"] if "all-to-all" in r["name"]]
+    assert rows[0]["ib_bytes"] == 2 * rows[0]["nvlink_bytes"]  # 2 nodes of 2: 2 of a GPU's 3 peers are off-node
+    with pytest.raises(UserError, match="train.sequence_parallel=4 does not divide the 6 GPUs"):
+        plan(load_config("tiny", ["model.vocab_size=512", "train.sequence_parallel=4"]), 3, 2)

@@ -45,7 +45,6 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp32 (fp32 on CPU: bf16 matmuls there are ~25x slower)
     ds_config: str = "ds_configs/zero3_bf16.json"  # DeepSpeed engine knobs (ZeRO stage, offload, ...)
     activation_checkpointing: bool = False  # recompute each block in backward (wide D ablations)
-<<<<<<< HEAD
     # ranks that share each sequence (DeepSpeed-Ulysses: each runs seq_len / N positions, attention all-to-alls
     # heads); data-parallel ranks = ranks / N, and the global batch counts sequences over those
     sequence_parallel: int = 1
@@ -53,9 +52,7 @@ class TrainConfig:
     # data order, e.g. to continue a model at a longer context (a TopK model is sparse already: topk.anneal_ratio=0);
     # a resumed run keeps its own weights
     init_from: str = ""
-=======
     compile: bool = False  # torch.compile each block; off until a GPU measurement shows that it pays
->>>>>>> main
     save_every: int = 1000  # checkpoint every N optimizer steps (and at the end)
     keep_last: int = 3  # checkpoints kept; older ones are deleted
     eval_every: int = 500  # validation loss every N steps; 0 turns it off

@@ -200,19 +200,17 @@ class Transformer(nn.Module):
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
-<<<<<<< HEAD
     def set_attention(self, attend) -> None:
         """Run every layer's attention core with `attend(q, k, v)` (the contract of `causal_attention`), e.g.
         one that spreads a sequence over ranks; the model itself never communicates."""
         for layer in self.layers:
             layer.attention.attend = attend
-=======
+
     def compile_blocks(self, **options) -> None:
         """torch.compile each block in place (parameter names unchanged); hooks on the model and the
         loss stay eager. `options` go to torch.compile (e.g. backend)."""
         for layer in self.layers:
             layer.compile(**options)
->>>>>>> main
 
     def sites(self) -> list[nn.Module]:
         """The activation module of every layer at the configured TopK site: neuron `l:i` is entry
