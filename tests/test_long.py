@@ -233,8 +233,9 @@ def test_long_context_recipe_on_cpu(synthetic_data, tmp_path):
     one = metrics(universal)
     assert [r["step"] for r in one] == list(range(1, 9))
     for a, b in zip(straight[4:], one[4:]):
-        assert a["tokens"] == b["tokens"]
+        assert a["tokens"] == b["tokens"] and ("val_loss" in a) == ("val_loss" in b)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a.get("val_loss", 0) == pytest.approx(b.get("val_loss", 0), rel=1e-5)  # validation over the group too
 
 
 def test_planner_divides_activations_and_adds_the_all_to_alls():
