@@ -23,12 +23,14 @@ setup(
         "matplotlib>=3.8",
         "wandb>=0.19",
         "tensorboard>=2.15",
+        "eai-sparsify==1.3.3",  # the post-hoc SAEs the TopK LM is compared with (topk_ds/sae/library.py)
+        "scipy>=1.11",  # the Hungarian matching of units across checkpoints and seeds
     ],
     extras_require={
         "mpi": ["openmpi", "mpi4py>=4"],
         # the interpretability tools our exports are tested with (tests/test_interop.py); sae-lens pulls
         # transformer-lens, plotly and statsmodels but changes none of our pins
-        "test": ["pytest>=8", "openmpi", "mpi4py>=4", "nnsight==0.8.1", "eai-sparsify==1.3.3", "sae-lens==6.54.12"],
+        "test": ["pytest>=8", "openmpi", "mpi4py>=4", "nnsight==0.8.1", "sae-lens==6.54.12"],
         "dev": ["pytest>=8", "openmpi", "mpi4py>=4", "ruff"],
     },
     entry_points={"console_scripts": ["topk-ds=topk_ds.cli:main"]},

@@ -132,6 +132,20 @@ def concept_dense(synthetic_data, tmp_path_factory):
     return train_concept_model(synthetic_data[1], tmp_path_factory.mktemp("concept-dense"), "demo-dense")
 
 
+def hooked_outputs(modules, layers, width: int, run) -> dict:
+    """{l: (N, width) every output of modules[l] while run() runs}, recorded by plain forward hooks."""
+    outputs = {l: [] for l in layers}
+    handles = [modules[l].register_forward_hook(lambda m, a, out, l=l: outputs[l].append(out.reshape(-1, width)))
+               for l in layers]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return {l: torch.cat(outs) for l, outs in outputs.items()}
+
+
 def assert_converts_with_parity(tag, out):
     """`topk-ds convert` of one DeepSpeed tag; the converted model's logits equal the training model
     class's (Transformer) with the checkpoint's fp32 weights as DeepSpeed consolidates them."""
@@ -178,6 +192,20 @@ def assert_one_error(result, *words) -> str:
     for word in words:
         assert word in errors[0], errors[0]
     return errors[0]
+
+
+SAE_TOKENS = 20_000
+
+
+@pytest.fixture(scope="session")
+def sae_dir(tiny_hf, synthetic_data, tmp_path_factory):
+    """`topk-ds sae train` on the tiny model's TopK-site layers (defaults: k and width of the TopK LM)."""
+    from topk_ds.cli import main
+
+    out = tmp_path_factory.mktemp("sae") / "tiny"
+    main([str(a) for a in ("sae", "train", tiny_hf, "--data", synthetic_data[1], "--tokens", SAE_TOKENS, "--seq-len", 64,
+                           "--out", out)])
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RUN_SAVE_EVERY, RUN_STEPS, STATS_TOKENS, run_cli
+from conftest import RUN_SAVE_EVERY, RUN_STEPS, STATS_TOKENS, hooked_outputs, run_cli
 from test_eval import assert_clean_failure
 
 
@@ -197,18 +197,10 @@ def test_collect_equals_a_dense_reference_on_the_model(tiny_hf, synthetic_data):
     stats = collect(Neurons(model), tok, batches, 8192, layers=[0, 1, 2], progress=False)
     assert [r["accumulation"] for r in stats.meta["layers"]] == ["sparse", "sparse", "dense"]
 
-    outputs = {l: [] for l in (0, 1, 2)}
-    sites = model.model.sites()
-    handles = [sites[l].register_forward_hook(lambda m, a, out, l=l: outputs[l].append(out.reshape(-1, 64)))
-               for l in outputs]
-    with torch.no_grad():
-        for b in batches:
-            model.model(b)
-    for h in handles:
-        h.remove()
+    outputs = hooked_outputs(model.model.sites(), (0, 1, 2), 64, lambda: [model.model(b) for b in batches])
     tokens = torch.cat([b.reshape(-1) for b in batches])
-    for l, outs in outputs.items():
-        acts = torch.cat(outs).clamp(min=0)
+    for l, out in outputs.items():
+        acts = out.clamp(min=0)
         torch.testing.assert_close(stats.layers[l].sums, torch.zeros(stats.meta["vocab_size"], 64).index_add_(0, tokens, acts))
         assert torch.equal(stats.layers[l].fires, (acts > 0).sum(0))
         torch.testing.assert_close(stats.layers[l].top_values, acts.topk(20, dim=0).values.T)

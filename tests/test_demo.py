@@ -19,8 +19,12 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path):
     assert first.stdout.strip().splitlines()[-1] == (f"wrote the demo's report to {out / 'report.md'} "
                                                      f"(neuron browser: {out / 'site' / 'index.html'})")
     report = (out / "report.md").read_text()
-    for heading in ("## Table 1", "## Figure 3", "## Concept neurons", "## Steering", "## Figure 5", "## Stages"):
+    for heading in ("## Table 1", "## Figure 3", "## Concept neurons", "## Steering", "## TopK LM vs SAE", "## Figure 5",
+                    "## Stages"):
         assert heading in report
+    compare = json.loads((out / "compare" / "compare.json").read_text())
+    assert [c["kind"] for c in compare["contenders"]] == ["topk", "dense", "sae"]
+    assert "| | TopK LM | dense | SAE 1x |" in report and "| topics recovered" in report
     for name in ("dense", "topk"):
         records = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records] == list(range(1, STEPS + 1))
@@ -39,8 +43,8 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path):
     assert "$ topk-ds analyze stats" in first.stdout and "$ deepspeed --num_gpus 2" in first.stdout
 
     again = run_cli("demo", "--out", out, *ARGS)
-    assert again.stdout.count(": reusing ") == 14 and "$ " not in again.stdout
-    assert (out / "report.md").read_text().count("| reused |") == 14
+    assert again.stdout.count(": reusing ") == 16 and "$ " not in again.stdout
+    assert (out / "report.md").read_text().count("| reused |") == 16
 
     refused = run_cli("demo", "--out", out, *ARGS[:-2], "--samples", 3, check=False)
     assert_clean_failure(refused, "other settings", "samples=2 (now 3)")

@@ -76,7 +76,7 @@ def test_activation_checkpointing_under_zero3_on_two_ranks_gives_the_same_losses
                            str(REPO / "tests/scripts/zero3_checkpointing.py")],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"plain"')))
     assert len(result["plain"]) == 3 and result["plain"] == result["checkpointed"]
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import assert_one_error, cli_main
 from topk_ds.cli import main
 
 PROMPT = "Once upon a time,"
@@ -18,15 +19,6 @@ PROMPT = "Once upon a time,"
 
 def cli(*args):
     main([str(a) for a in args])
-
-
-def fails(capsys, *args) -> str:
-    """Run a command that must fail: one line on stderr, exit != 0; returns that line."""
-    with pytest.raises(SystemExit) as e:
-        cli(*args)
-    err = capsys.readouterr().err
-    assert e.value.code != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 # --- nnsight ---------------------------------------------------------------------------------------------
@@ -200,6 +192,31 @@ def test_neuronpedia_export_follows_the_documented_schema(stats_dir, tmp_path, c
             assert [r["values"][r["qualifyingTokenIndex"]] for r in rows] == pytest.approx(live.tolist(), abs=1e-4)
 
 
+def test_sae_latents_export_to_neuronpedia_and_browse_like_neurons(sae_dir, tiny_hf, synthetic_data, tmp_path, capsys):
+    """Statistics of an SAE's latents (`analyze stats --sae`): Neuronpedia records of the same schema, named for
+    latents; browser pages that say "latent"; the SAE-library formats refuse them (the SAE already is one)."""
+    stats = tmp_path / "stats"
+    cli("analyze", "stats", tiny_hf, "--sae", sae_dir, "--data", synthetic_data[1], "--tokens", 8192, "--seq-len", 64,
+        "--out", stats)
+    cli("analyze", "export", stats, "--format", "neuronpedia", "--out", tmp_path / "np")
+    (model_dir,) = [d for d in (tmp_path / "np").iterdir() if d.is_dir()]
+    sources = sorted(model_dir.iterdir())
+    assert [s.name for s in sources] == ["0-sae-res-64", "1-sae-res-64"]  # the SAE's layers
+    for source in sources:
+        features = read_jsonl_gz(source / "features" / "batch-0.jsonl.gz")
+        assert len(features) == 64 and all(f["sourceSetName"] == "sae-res-64" for f in features)
+        for f in features:
+            assert_schema(f, "features")
+        for a in read_jsonl_gz(source / "activations" / "batch-0.jsonl.gz"):
+            assert_schema(a, "activations")
+    assert_one_error(cli_main(capsys, "analyze", "export", stats, "--format", "sparsify", "--out", tmp_path / "sp"),
+                     "statistics of SAE latents")
+    cli("analyze", "browse", stats, "--out", tmp_path / "site")
+    page = (tmp_path / "site" / "neurons" / "1_5.html").read_text()
+    assert "<h1>latent 1:5" in page and "direct logit effect" in page and "<svg" in page
+    assert '"unit":"latent"' in (tmp_path / "site" / "search.js").read_text()
+
+
 # --- SAE libraries ----------------------------------------------------------------------------------------
 
 def test_sparsify_and_saelens_open_a_topk_layer_as_an_sae(stats_dir, tiny_hf, tmp_path):
@@ -237,22 +254,24 @@ def test_sparsify_and_saelens_open_a_topk_layer_as_an_sae(stats_dir, tiny_hf, tm
 
 
 def test_export_refuses_bad_input_with_one_line(stats_dir, tmp_path, capsys):
-    assert "invalid choice" in fails(capsys, "analyze", "export", stats_dir, "--format", "parquet", "--out", tmp_path / "x")
+    def export(*args):
+        return cli_main(capsys, "analyze", "export", *args)
+
+    assert_one_error(export(stats_dir, "--format", "parquet", "--out", tmp_path / "x"), "invalid choice")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
-    assert "holds no export.json" in fails(capsys, "analyze", "export", stats_dir, "--format", "neuronpedia", "--out", mine)
+    assert_one_error(export(stats_dir, "--format", "neuronpedia", "--out", mine), "holds no export.json")
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
     gone = tmp_path / "stats-of-a-gone-model"
     shutil.copytree(stats_dir, gone)
     meta = json.loads((gone / "stats.json").read_text())
     (gone / "stats.json").write_text(json.dumps(meta | {"model": str(tmp_path / "deleted-model")}))
-    assert "the model of these statistics is gone" in fails(capsys, "analyze", "export", gone, "--format", "sparsify",
-                                                            "--out", tmp_path / "sp")
+    assert_one_error(export(gone, "--format", "sparsify", "--out", tmp_path / "sp"), "the model of these statistics is gone")
     (gone / "stats.json").write_text(json.dumps(meta | {"format_version": 1}))  # statistics of an older topk_ds
-    assert "format version 1" in fails(capsys, "analyze", "export", gone, "--format", "neuronpedia", "--out", tmp_path / "np")
-    assert "--greedy decodes one text" in fails(capsys, "steer", tmp_path, "--neuron", "0:1", "--offset", 1, "--greedy",
-                                                "--samples", 3)
+    assert_one_error(export(gone, "--format", "neuronpedia", "--out", tmp_path / "np"), "format version 1")
+    assert_one_error(cli_main(capsys, "steer", tmp_path, "--neuron", "0:1", "--offset", 1, "--greedy", "--samples", 3),
+                     "--greedy decodes one text")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "stats-of-a-gone-model"]  # nothing half-written
 
 

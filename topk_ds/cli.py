@@ -36,12 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import add_commands as demo_commands
     from .evaluate.cli import add_commands as eval_commands
     from .plan import add_commands as plan_commands
+    from .sae.cli import add_commands as sae_commands
     from .train.cli import add_commands as train_commands
 
     parser = Parser(prog="topk-ds", description="Train, convert, evaluate and analyse TopK language models.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for add in (demo_commands, corpus_commands, data_commands, _add_config_commands, train_commands, convert_commands,
-                eval_commands, analysis_commands, plan_commands):
+                eval_commands, analysis_commands, sae_commands, plan_commands):
         add(commands)
     return parser
 

@@ -3,7 +3,8 @@
     synthetic corpus -> tokenizer -> shards -> train a dense baseline and a TopK LM of the same shape
     and token budget (DeepSpeed, 2 CPU ranks) -> convert both -> the local lm-eval suite ->
     statistics and entropies (Figure 3) -> concept neurons -> steering -> tracing (Figure 5) ->
-    the neuron browser -> DIR/report.md
+    the neuron browser -> a post-hoc SAE on the dense model and the three-way comparison (TopK LM
+    neurons, dense neurons, SAE latents) -> DIR/report.md
 
 Each stage is the command a user would type, printed as it runs (`$ topk-ds ...`), so any of them
 can be repeated by hand. A stage is skipped when its output exists (every command writes its
@@ -47,7 +48,8 @@ class DemoSettings:
 class Demo:
     def __init__(self, out: Path, settings: DemoSettings):
         self.out, self.s = Path(out), settings
-        self.paths = {name: self.out / name for name in ("corpus", "tokenizer", "data", "runs", "hf", "eval", "stats", "site")}
+        self.paths = {name: self.out / name for name in ("corpus", "tokenizer", "data", "runs", "hf", "eval", "stats", "site",
+                                                         "sae", "compare")}
         self.commands: list[str] = []
         self.timings: list[tuple[str, float, bool]] = []
         self._rows: dict[str, list[dict]] = {}  # concept_rows, read once per model
@@ -154,6 +156,15 @@ class Demo:
                                         "--token", word, "--tokens", 20_000, "--out", self.out / "trace"))
         self.stage("neuron browser", p["site"] / "index.html",
                    lambda: self.topk_ds("analyze", "browse", p["stats"] / "topk", "--out", p["site"]))
+        # the post-hoc alternative: an SAE (EleutherAI's sparsify) on the dense model's residual stream at the TopK
+        # layers, over the statistics tokens; the comparison trains another on an earlier checkpoint for stability
+        self.stage("SAE on the dense model's TopK-site layers (sparsify)", p["sae"] / "topk_ds.json",
+                   lambda: self.topk_ds("sae", "train", p["hf"] / "dense", "--data", p["data"], "--tokens",
+                                        s.stats_tokens, "--seq-len", 128, "--seed", s.seed, "--out", p["sae"]))
+        self.stage("TopK LM vs dense neurons vs SAE latents", p["compare"] / "compare.json",
+                   lambda: self.topk_ds("analyze", "compare", "--topk", p["runs"] / "topk", "--dense", p["runs"] / "dense",
+                                        "--sae", p["sae"], "--data", p["data"], "--tokens", s.stats_tokens, "--seq-len", 128,
+                                        "--seeds", 2, "--samples", s.samples, "--seed", s.seed, "--out", p["compare"]))
         report = self.out / "report.md"
         with atomic_output(report) as tmp:
             tmp.write_text(self.report(best))
@@ -248,6 +259,7 @@ class Demo:
         lines += self.concepts_section()
         lines += self.steering_section(best)
         trace = self.out / "trace" / f"trace-{best['index']}-{best['top_word']}.png"
+        lines += self.sae_section()
         lines += ["## Figure 5: one neuron index across checkpoints and layers", "",
                   f"Mean activation of index {best['index']} on '{best['top_word']}' in every layer, read from "
                   f"the TopK run's DeepSpeed checkpoints directly (`topk-ds analyze trace`):", "",
@@ -258,6 +270,8 @@ class Demo:
                   "| converted models (`AutoModelForCausalLM`, `trust_remote_code=True`) | `hf/dense`, `hf/topk` |",
                   "| training runs (metrics.jsonl, checkpoints, launcher.log) | `runs/dense`, `runs/topk` |",
                   "| lm-eval results | `eval/` |", "| statistics (`topk-ds analyze neuron stats/topk L:I`) | `stats/` |",
+                  "| the SAE (sparsify's format: `SparseCoder.load_many('sae', local=True)`) | `sae/` |",
+                  "| the three-way comparison (`compare.md`, `compare.json`, the SAEs it trained) | `compare/` |",
                   "", "## Stages", "", "| stage | seconds |", "|---|---:|"]
         lines += [f"| {t} | {'reused' if reused else f'{secs:.0f}'} |" for t, secs, reused in self.timings]
         if self.commands:
@@ -314,6 +328,25 @@ class Demo:
         lines += ["", f"Topics with a concept neuron in the TopK layers: {len(covered)} of {len(self.concepts.names)} "
                   f"({', '.join(covered) or 'none'}).", ""]
         return lines
+
+    def sae_section(self) -> list[str]:
+        from .analysis.compare import findings, table
+
+        result = json.loads((self.paths["compare"] / "compare.json").read_text())
+        sae = json.loads((self.paths["sae"] / "topk_ds.json").read_text())
+        return ["## TopK LM vs SAE", "",
+                f"The paper says a TopK LM's neurons are as interpretable as the latents of a post-hoc SAE, without "
+                f"training one, and stay put across checkpoints. Here the question is asked of three contenders on the "
+                f"same {result['tokens']:,} tokens at layers {', '.join(map(str, result['layers']))}: the TopK LM's "
+                f"neurons, the dense model's neurons, and the latents of a TopK SAE ({sae['library']}; "
+                f"{sae['num_latents']} latents, k={sae['k']}, fraction of variance unexplained "
+                f"{', '.join(f'{v:.3f}' for v in sae['fvu'].values())}) trained on the dense model's residual stream "
+                f"at those layers in {sae['seconds']:.0f} s. For stability each run's last two checkpoints are compared "
+                f"(a second SAE is trained on the earlier one and matched to the first by the Hungarian algorithm on "
+                f"decoder cosine); a third SAE with another seed measures how many latents two seeds share.", "",
+                table(result), "", "![TopK LM vs SAE](compare/compare.png)", "", *findings(result), "",
+                "One seed, a small synthetic corpus and small models: a measurement of this run, not a general verdict "
+                "(`compare/compare.md` has the best unit per topic, `compare/compare.json` every number).", ""]
 
     def steering_section(self, best: dict) -> list[str]:
         result = json.loads((self.paths["stats"] / "topk" / "steering" / f"{best['layer']}_{best['index']}.json").read_text())

@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..io import atomic_output
 from ..progress import progress as progress_of
 from .concepts import MIN_COUNT, Concepts, show
-from .report import LayerReport
+from .report import LayerReport, kind_label
 from .stats import Stats
 
 SEARCH_UNITS = 5  # units per layer listed for a token in the search index
@@ -297,7 +297,7 @@ def build_site(stats_dir, out, concepts: Concepts | None = None, contexts: int =
                 (tmp / "neurons" / f"{l}_{r['index']}.html").write_text(page)
             pages += len(rows)
             labels[l] = [r["label"] for r in rows]
-            title = f"layer {l} ({'TopK k=' + str(view.row['k']) if view.row['kind'] == 'topk' else view.row['kind']})"
+            title = f"layer {l} ({kind_label(view.row)})"
             body = (f"<p><a href=\"index.html\">index</a></p><h1>{escape(title)}</h1>"
                     f"<p><span id=\"shown\">{len(rows)}</span> of {len(rows)} {unit}s shown. Click a column header to "
                     f"sort; filter a column by text (<code>music</code>) or a comparison (<code>&gt;0.5</code>, "
@@ -309,7 +309,8 @@ def build_site(stats_dir, out, concepts: Concepts | None = None, contexts: int =
         summary = [("layer", "index", "{}"), ("kind", "kind", "{}"), ("L0", "l0", "{:.2f}"), ("dead", "dead", "{}"),
                    ("token entropy", "token_entropy_mean", "{:.2f}"), ("semantic entropy", "semantic_entropy_mean", "{:.2f}")]
         fp = meta["fingerprint"]
-        body = (f"<h1>TopK LM {unit}s</h1><p>model weights {escape(fp['weights'])} (step {fp.get('train_step')}, "
+        title = meta.get("description") or f"TopK LM {unit}s"
+        body = (f"<h1>{escape(title)}</h1><p>model weights {escape(fp['weights'])} (step {fp.get('train_step')}, "
                 f"alpha {fp['alpha']:g}); {meta['tokens']:,} tokens of {escape(str(meta.get('data')))}; "
                 f"activations: {escape(meta['activation'])}.</p>"
                 + _table(layer_rows, summary, lambda r: f"layer{r['index']}.html")
@@ -317,7 +318,7 @@ def build_site(stats_dir, out, concepts: Concepts | None = None, contexts: int =
                 f"aria-label=\"search\"> <span class=\"hint\">per layer, the {SEARCH_UNITS} {unit}s with the largest "
                 f"mean activation on a token (hover for the label); or Enter on l:i to open that {unit}</span></p><div id=\"results\"></div>"
                 "<script src=\"search.js\"></script>")
-        (tmp / "index.html").write_text(_page(f"TopK LM {unit}s", body))
+        (tmp / "index.html").write_text(_page(title, body))
         index = json.dumps(search_index(stats, labels), separators=(",", ":"), ensure_ascii=False)
         (tmp / "search.js").write_text(f"var SEARCH = {index};\n")
         (tmp / "site.css").write_text(CSS)

@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 
@@ -82,12 +83,21 @@ def parse_index(text: str) -> int:
         raise UserError(f"neuron '{text}' must be LAYER:INDEX or INDEX, e.g. 0:17") from None
 
 
-def check_run_neuron(run_dir, layer: int | None, index: int) -> None:
-    """Check a neuron against a run's config.yaml (when it has one) before any checkpoint is read."""
+def check_run_neuron(run_dir, layer: int | None, index: int, sae=None) -> None:
+    """Check a neuron against a run's config.yaml (when it has one), or a latent against its SAE, before any
+    checkpoint is read."""
     from ..config import load_config
-    from .units import check_unit
+    from .units import check_layers, check_unit
 
-    if (Path(run_dir) / "config.yaml").is_file():
+    if sae:
+        from ..sae.library import read_record
+
+        r = read_record(sae)
+        n = r["model_fingerprint"]["config"]["model"]["n_layers"]
+        if layer is not None:
+            check_layers([layer], r["layers"], n)
+        check_unit(None, index, n, r["num_latents"], "latent")
+    elif (Path(run_dir) / "config.yaml").is_file():
         cfg = load_config(str(Path(run_dir) / "config.yaml"))
         check_unit(layer, index, cfg.model.n_layers, cfg.topk.width(cfg.model))
 
@@ -105,11 +115,40 @@ def _concepts(explicit, stats=None):
     return Concepts.load(recorded) if recorded and Path(recorded).exists() else None
 
 
-def _units(model):
-    """The units a command studies: the model's own neurons."""
+def _units(model, a):
+    """The units a command studies: the model's own neurons, or with --sae DIR that SAE's latents."""
+    if getattr(a, "sae", None):
+        from ..sae import Latents
+
+        return Latents(model, a.sae)
     from .units import Neurons
 
     return Neurons(model)
+
+
+def _unit_layout(a, model, topk) -> tuple[list[int], int]:
+    """(layers that have units, units per layer), before any weights are read: the SAE's with --sae, else the
+    model's neurons."""
+    if getattr(a, "sae", None):
+        from ..sae.library import read_record
+
+        r = read_record(a.sae)
+        return r["layers"], r["num_latents"]
+    return list(range(model.n_layers)), topk.width(model)
+
+
+def _check_stats_sae(stats, a) -> None:
+    """With --sae DIR, statistics read without a model must be of that SAE's latents."""
+    if not getattr(a, "sae", None):
+        return
+    from ..sae.latents import sae_fingerprint
+    from ..sae.library import load
+
+    theirs = stats.meta["fingerprint"].get("sae")
+    if theirs != sae_fingerprint(load(a.sae)):
+        what = "of another SAE" if theirs else "of a model's neurons"
+        raise UserError(f"the statistics at {stats.path} are {what}, not of the latents of the SAE in {a.sae}; "
+                        f"compute them with `topk-ds analyze stats MODEL --sae {a.sae}`")
 
 
 def _seq_len(requested: int | None, model) -> int:
@@ -134,11 +173,11 @@ def _plan_pass(a, layers, what: str = "analyze stats"):
 
     device, dtype = resolve(a.device, a.dtype)
     model, topk = read_config(a.model, a.tag)
-    layers = check_layers(layers, list(range(model.n_layers)), model.n_layers)
+    available, width = _unit_layout(a, model, topk)
+    layers = check_layers(layers, available, model.n_layers)
     seq_len = _seq_len(a.seq_len, model)
     batch_tokens = max(1, a.batch_tokens // seq_len) * seq_len
-    on_device, on_host = memory_needs(model, topk.width(model), len(layers), batch_tokens, dtype.itemsize,
-                                      a.top_contexts)
+    on_device, on_host = memory_needs(model, width, len(layers), batch_tokens, dtype.itemsize, a.top_contexts)
     hint = "analyse fewer layers with --layers (or use fewer --batch-tokens)"
     lines = [check_memory(what, on_host | on_device, device, hint)] if device.type == "cpu" else \
         [check_memory(what, on_device, device, hint), check_memory(what, on_host, torch.device("cpu"), hint)]
@@ -179,7 +218,7 @@ def _stats(a):
     concepts = Concepts.load(a.concepts) if a.concepts else Concepts.beside(a.data)
     device, dtype, layers, seq_len = _plan_pass(a, a.layers)
     model, tokenizer = load(a.model, tag=a.tag, device=device, dtype=dtype)
-    stats = _collect(_units(model), tokenizer, a, layers, seq_len)
+    stats = _collect(_units(model, a), tokenizer, a, layers, seq_len)
     if rank() != 0:  # one process writes
         return
     stats.meta |= {"model": str(Path(a.model).resolve()), "tag": a.tag, "data": str(a.data), "split": a.split,
@@ -235,13 +274,14 @@ def _neuron(a):
         check_settings(a)
     if _is_stats(a.model):
         stats = Stats.load(a.model, layers=[layer])
+        _check_stats_sae(stats, a)
     elif a.stats or a.data:
         if a.data:
             device, dtype, _, seq_len = _plan_pass(a, [layer], "analyze neuron")
         else:
             device, dtype = resolve(a.device, a.dtype)
         model, tokenizer = load(a.model, tag=a.tag, device=device, dtype=dtype)
-        units = _units(model)
+        units = _units(model, a)
         units.check(layer, index)
         if a.stats:
             stats = Stats.load(a.stats, layers=[layer])
@@ -257,9 +297,9 @@ def _neuron(a):
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(a.json), report)
-        print(f"wrote the report of neuron {a.neuron} to {a.json}")
+        print(f"wrote the report of {report['unit']} {a.neuron} to {a.json}")
     else:
-        print(f"printed the report of neuron {a.neuron} (nothing written; --json FILE saves it)")
+        print(f"printed the report of {report['unit']} {a.neuron} (nothing written; --json FILE saves it)")
 
 
 def _trace(a):
@@ -277,7 +317,7 @@ def _trace(a):
         raise UserError("--neuron needs --token WORD: the token whose mean activation is traced")
     if a.neuron:
         layer, index = parse_neuron(a.neuron) if ":" in a.neuron else (None, parse_index(a.neuron))
-        check_run_neuron(a.run_dir, layer, index)
+        check_run_neuron(a.run_dir, layer, index, a.sae)
     device, dtype = resolve(a.device, a.dtype)
     data, seq_len = run_data(a.run_dir, a.data, a.seq_len)
     checkpoints = run_checkpoints(a.run_dir)
@@ -289,13 +329,16 @@ def _trace(a):
         print(cost_line(f"analyze trace over {len(checkpoints)} checkpoints", len(checkpoints) * tokens,
                         model.flops_per_token(seq_len, training=False), device, dtype), file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
+    units_of = functools.partial(_units, a=a)
+    prefix = "sae-" if a.sae else ""  # a latent's trace beside the neuron's of the same index
     if a.entropy:
-        result = trace_entropy(a.run_dir, data, a.tokens, seq_len, device=device, dtype=dtype)
-        name = "entropy-trace"
+        result = trace_entropy(a.run_dir, data, a.tokens, seq_len, device=device, dtype=dtype, units_of=units_of)
+        name = f"{prefix}entropy-trace"
         png = entropy_over_training(result, out / f"{name}.png")
     else:
-        result = trace_neuron(a.run_dir, index, a.token, data, a.tokens, seq_len, device=device, dtype=dtype)
-        name = f"trace-{index}-{a.token}"
+        result = trace_neuron(a.run_dir, index, a.token, data, a.tokens, seq_len, device=device, dtype=dtype,
+                              units_of=units_of)
+        name = f"{prefix}trace-{index}-{a.token}"
         png = neuron_heatmap(result, out / f"{name}.png", layer)
     write_json(out / f"{name}.json", result)
     print(f"wrote {png} and {out / f'{name}.json'} ({len(result['steps'])} checkpoints)")
@@ -308,9 +351,12 @@ def _browse(a):
     from ..io import check_replaceable
 
     check_replaceable(Path(a.out), "index.html", "analyze browse")
-    concepts = _concepts(a.concepts, Stats.load(a.stats, layers=[]))
+    stats = Stats.load(a.stats, layers=[])
+    _check_stats_sae(stats, a)
+    concepts = _concepts(a.concepts, stats)
     pages = build_site(a.stats, a.out, concepts, a.contexts)
-    print(f"wrote a neuron browser ({pages} neuron pages) to {a.out}/index.html (opens from file://, no network)")
+    unit = stats.meta.get("units", "neuron")
+    print(f"wrote a {unit} browser ({pages} {unit} pages) to {a.out}/index.html (opens from file://, no network)")
 
 
 def _export(a):
@@ -340,7 +386,7 @@ def _steer(a):
     check_output(out, "steer", kind="file")
     device, dtype = _plan_generation(a, layer, len({0.0, *a.offset}), samples)
     model, tokenizer = load(a.model, tag=a.tag, device=device, dtype=dtype)
-    units = _units(model)
+    units = _units(model, a)
     units.check(layer, index)
     stats = None
     if a.stats:
@@ -359,7 +405,7 @@ def _steer(a):
     print(format_table(result))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
-    print(f"wrote {len(result['offsets'])} x {samples} samples of neuron {a.neuron} to {out}")
+    print(f"wrote {len(result['offsets'])} x {samples} samples of {units.name} {a.neuron} to {out}")
 
 
 def _plan_generation(a, layer: int, offsets: int, samples: int):
@@ -370,8 +416,8 @@ def _plan_generation(a, layer: int, offsets: int, samples: int):
     from .units import check_layers
 
     device, dtype = resolve(a.device, a.dtype)
-    model, _ = read_config(a.model, a.tag)
-    check_layers([layer], list(range(model.n_layers)), model.n_layers)
+    model, topk = read_config(a.model, a.tag)
+    check_layers([layer], _unit_layout(a, model, topk)[0], model.n_layers)
     print(check_memory("steer", {"model": model.num_params() * dtype.itemsize}, device), file=sys.stderr)
     tokens = offsets * samples * (a.max_new_tokens + len(a.prompt.split()) + 1)  # ~ a token per word of the prompt
     print(cost_line(f"steer: {offsets} offsets x {samples} samples of {a.max_new_tokens} new tokens", tokens,
@@ -379,8 +425,88 @@ def _plan_generation(a, layer: int, offsets: int, samples: int):
     return device, dtype
 
 
+COMPARE_HELP = """\
+The paper's central claim as a measurement: TopK LM neurons (--topk), its dense twin's neurons (--dense)
+and the latents of SAEs trained on the dense twin (--sae, from `topk-ds sae train`), at the layers they
+share, over the same --tokens tokens of DATA, scored against the planted topics (concepts.json):
+concept recovery (best unit's F1 per topic), token and semantic entropy, steering success of the top
+concept units, stability over the runs' last --checkpoints checkpoints (an SAE is trained anew on each
+earlier checkpoint with its own settings; units are matched by the Hungarian algorithm on decoder
+cosine), with --seeds N the share of SAE latents shared across seeds, and the cost: training time and
+FLOPs against the dense model's, and validation loss with each layer's stream replaced by the units'
+reconstruction. Pass run directories to measure stability and training time.
+
+  OUT/compare.json   one object per contender under "contenders" (definitions in topk_ds/analysis/compare.py)
+  OUT/compare.md     the table and what it says
+  OUT/compare.png    the measures side by side
+  OUT/saes/          the SAEs trained for stability and seeds"""
+
+
+def _run_of(path) -> Path | None:
+    """A run directory (it has checkpoints to read); a converted model or a single tag has none."""
+    return Path(path) if (Path(path) / "checkpoints").is_dir() else None
+
+
+def _compare(a):
+    from ..convert.hf_export import load
+    from ..io import atomic_output, check_replaceable, write_json
+    from ..sae import Latents
+    from ..sae.library import read_record
+    from .compare import Comparison, Contender, Settings, markdown
+    from .concepts import Concepts
+    from .data import check_data
+    from .plots import contenders as contenders_figure
+    from .units import Neurons, model_fingerprint
+
+    out = Path(a.out)
+    check_replaceable(out, "compare.json", "analyze compare")
+    if (out / "compare.json").exists() and not a.force:
+        raise UserError(f"{out} already holds a comparison; pass --force to replace it")
+    if a.checkpoints < 2:
+        raise UserError(f"--checkpoints {a.checkpoints} must be >= 2: stability compares earlier checkpoints with the last")
+    check_data(a.data)
+    concepts = Concepts.load(a.concepts) if a.concepts else Concepts.beside(a.data)
+    if concepts is None:
+        raise UserError(f"no concepts.json beside {a.data}: pass --concepts (the planted topics the units are scored on)")
+    records = [read_record(d) for d in a.sae]  # every SAE directory checked before a model loads
+    topk, tokenizer = load(a.topk)
+    dense, _ = load(a.dense)
+    if tokenizer is None:
+        raise UserError(f"{a.topk} has no tokenizer: steering needs one")
+    if topk.config.vocab_size != dense.config.vocab_size:
+        raise UserError(f"--topk and --dense have different vocabularies ({topk.config.vocab_size} and "
+                        f"{dense.config.vocab_size} tokens): compare a TopK LM with its dense twin")
+    contenders = [Contender("TopK LM", Neurons(topk), _run_of(a.topk)), Contender("dense", Neurons(dense), _run_of(a.dense))]
+    mine = model_fingerprint(dense)
+    names = [f"SAE {r['expansion']}x" for r in records]
+    for d, r, name in zip(a.sae, records, names):
+        theirs = r["model_fingerprint"]
+        if theirs["weights"] != mine["weights"]:
+            raise UserError(f"the SAE in {d} was trained on another model (step {theirs.get('train_step')}, weights "
+                            f"{theirs['weights']}), not on --dense (step {mine.get('train_step')}, weights "
+                            f"{mine['weights']}): the SAE contender reads the dense twin")
+        if names.count(name) > 1:
+            name = f"{name} k={r['k']} seed {r['seed']}"
+        contenders.append(Contender(name, Latents(dense, d), _run_of(a.dense)))
+    settings = Settings(data=a.data, split=a.split, tokens=a.tokens, seq_len=a.seq_len, val_tokens=a.val_tokens,
+                        checkpoints=a.checkpoints, seeds=a.seeds, steer_units=a.steer_units, samples=a.samples,
+                        max_new_tokens=a.max_new_tokens, seed=a.seed)
+    with atomic_output(out) as tmp:
+        tmp.mkdir()
+        result = Comparison(contenders, tokenizer, concepts, settings, tmp, reference=contenders[1]).run()
+        result["models"] = {"topk": str(a.topk), "dense": str(a.dense), "sae": [str(d) for d in a.sae]}
+        write_json(tmp / "compare.json", result)
+        contenders_figure(result, tmp / "compare.png")
+        (tmp / "compare.md").write_text(markdown(result))
+    print(f"wrote compare.md, compare.json and compare.png ({len(contenders)} contenders) to {out}")
+
+
 def _model_args(p, what: str = "MODEL") -> None:
     p.add_argument("--tag", help=f"checkpoint tag when {what} is a run directory (default: the newest complete one)")
+
+
+def _sae_arg(p, what: str) -> None:
+    p.add_argument("--sae", metavar="DIR", help=what)
 
 
 def _entropy_args(p) -> None:
@@ -416,6 +542,8 @@ def add_commands(commands) -> None:
     _model_args(p)
     _data_args(p, required=True)
     device_args(p)
+    _sae_arg(p, "statistics of the latents of the SAE in DIR (`topk-ds sae train`) at its layers, instead of the "
+                "model's neurons")
     p.set_defaults(run=_stats)
 
     p = sub.add_parser("entropy", help="per-layer token and semantic entropy of saved statistics; --compare draws Figure 3")
@@ -435,6 +563,7 @@ def add_commands(commands) -> None:
     _model_args(p)
     _data_args(p, required=False)
     device_args(p)
+    _sae_arg(p, "L:I is latent I of the SAE in DIR at layer L (statistics given must be of that SAE)")
     p.set_defaults(run=_neuron)
 
     p = sub.add_parser("trace", help="a neuron over checkpoints x layers (Figure 5), or entropies over training (Figure 4)")
@@ -447,6 +576,7 @@ def add_commands(commands) -> None:
     p.add_argument("--seq-len", type=positive, default=None, help="window length (default: the run's data.seq_len)")
     p.add_argument("--out", help="output directory (default RUN_DIR/analysis)")
     device_args(p)
+    _sae_arg(p, "trace latent I of the SAE in DIR (the same SAE applied to every checkpoint) at its layers")
     p.set_defaults(run=_trace)
 
     p = sub.add_parser("browse", help="a static HTML neuron browser of saved statistics (opens from file://)")
@@ -454,6 +584,7 @@ def add_commands(commands) -> None:
     p.add_argument("--out", required=True, help="site directory to write (replaced)")
     p.add_argument("--concepts", help="concepts.json for topic columns (default: the one the statistics recorded)")
     p.add_argument("--contexts", type=count, default=10, help="top contexts per neuron page (default 10)")
+    _sae_arg(p, "the SAE the statistics were computed from (checked)")
     p.set_defaults(run=_browse)
 
     p = sub.add_parser("export", help="saved statistics as Neuronpedia's import layout, or TopK layers as SAEs of "
@@ -469,6 +600,30 @@ def add_commands(commands) -> None:
     p.add_argument("--release", help="neuronpedia: the release name (default topk-ds)")
     p.add_argument("--creator", help="neuronpedia: the creator's name (default topk_ds)")
     p.set_defaults(run=_export)
+
+    p = sub.add_parser("compare", help="TopK LM neurons vs dense-twin neurons vs SAE latents, against the planted topics",
+                       description=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--topk", required=True, metavar="RUN_OR_MODEL", help="the TopK LM (a run directory for stability and cost)")
+    p.add_argument("--dense", required=True, metavar="RUN_OR_MODEL", help="its dense twin (a run directory likewise)")
+    p.add_argument("--sae", required=True, action="append", metavar="DIR",
+                   help="an SAE trained on --dense by `topk-ds sae train` (repeatable: one contender each)")
+    p.add_argument("--data", required=True, help="the data the statistics run over (prepared data: its val split "
+                   "gives the validation loss)")
+    p.add_argument("--concepts", help="concepts.json of the planted topics (default: the one beside the data's corpus)")
+    p.add_argument("--out", required=True, help="directory to write the comparison to")
+    p.add_argument("--tokens", type=positive, default=1_000_000, help="statistics tokens (default 1,000,000)")
+    p.add_argument("--split", default="train", choices=("train", "val"), help="split of prepared data (default train)")
+    p.add_argument("--seq-len", type=positive, default=None, help="window length (default: the model's, at most 1024)")
+    p.add_argument("--val-tokens", type=positive, default=50_000, help="validation tokens for the losses (default 50,000)")
+    p.add_argument("--checkpoints", type=int, default=2, metavar="M", help="the runs' last M checkpoints for stability (default 2)")
+    p.add_argument("--seeds", type=positive, default=1, metavar="N",
+                   help="train each SAE with N - 1 more seeds and report the latents they share (default 1: none)")
+    p.add_argument("--steer-units", type=positive, default=5, metavar="N", help="top concept units steered (default 5)")
+    p.add_argument("--samples", type=positive, default=6, help="steering samples per unit and scale (default 6)")
+    p.add_argument("--max-new-tokens", type=positive, default=48, help="tokens per steering sample (default 48)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every contender (default 0)")
+    p.add_argument("--force", action="store_true", help="replace a comparison already in --out")
+    p.set_defaults(run=_compare)
 
     p = commands.add_parser("steer", help="generate with one neuron's pre-activation offset (concept steering)",
                             description="Add each --offset to neuron L:I's pre-activation at every position (prompt and "
@@ -490,4 +645,6 @@ def add_commands(commands) -> None:
     p.add_argument("--out", help="JSON file to write (default STATS/steering/L_I.json, else steer_L_I.json)")
     _model_args(p)
     device_args(p)
+    _sae_arg(p, "steer latent I of the SAE in DIR: add OFFSET x its decoder direction W_dec[I] to the residual "
+                "stream after block L at every position")
     p.set_defaults(run=_steer)

@@ -74,21 +74,26 @@ class Concepts:
                 return cls.load(found)
         return None
 
-    def score(self, abar, counts, theta, pieces: list[str], top_values, top_ids) -> dict:
-        """Every neuron of a layer at once: abar (V, D), theta (D,), top_values and top_ids (n, D) from
-        top_tokens -> topic (list of D names, None without a hit), precision (D,) over the neuron's top
-        tokens (those it fires on), recall (D,)."""
+    def by_topic(self, abar, counts, theta, pieces: list[str], top_values, top_ids):
+        """Every unit of a layer against every topic: abar (V, D), theta (D,), top_values and top_ids (n, D) from
+        top_tokens -> precision (topics, D) over the unit's top tokens (those it fires on), recall (topics, D)."""
         index = {w: t for t, name in enumerate(self.names) for w in self.topics[name]}
         token_topic = torch.tensor([index.get(word_of(p), -1) for p in pieces])
         fired = top_values > 0  # (n, D)
         topic_of = token_topic[top_ids].masked_fill(~fired, -1)
-        hits = (topic_of[..., None] == torch.arange(len(self.names))).sum(0)  # (D, topics)
-        best_hits, best = hits.max(dim=1)
+        hits = (topic_of[None] == torch.arange(len(self.names))[:, None, None]).sum(1)  # (topics, D)
         vocab = (token_topic[None, :] == torch.arange(len(self.names))[:, None]) & (counts > 0)  # (topics, V)
         found = vocab.float() @ (abar > theta).float()  # (topics, D)
-        recall = (found / vocab.sum(1, keepdim=True).clamp(min=1)).gather(0, best[None]).squeeze(0)
-        return {"topic": [self.names[t] if h else None for t, h in zip(best.tolist(), best_hits.tolist())],
-                "precision": best_hits / fired.sum(0).clamp(min=1), "recall": torch.where(best_hits > 0, recall, 0.0)}
+        return hits / fired.sum(0).clamp(min=1), found / vocab.sum(1, keepdim=True).clamp(min=1)
+
+    def score(self, abar, counts, theta, pieces: list[str], top_values, top_ids) -> dict:
+        """Every unit of a layer at once -> topic (list of D names, None without a hit), precision (D,) and
+        recall (D,) of that topic."""
+        precision, recall = self.by_topic(abar, counts, theta, pieces, top_values, top_ids)
+        best_precision, best = precision.max(dim=0)
+        hit = best_precision > 0
+        return {"topic": [self.names[t] if h else None for t, h in zip(best.tolist(), hit.tolist())],
+                "precision": best_precision, "recall": torch.where(hit, recall.gather(0, best[None]).squeeze(0), 0.0)}
 
     def share(self, texts: list[str], topic: str) -> tuple[int, int]:
         """(words of `topic`, content words) in `texts`; content words are all but the function words."""

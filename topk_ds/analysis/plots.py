@@ -46,9 +46,10 @@ def neuron_heatmap(trace: dict, out, layer: int | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(trace["steps"]) + 2), max(3, 0.35 * len(mean) + 1.5)))
     image = ax.imshow(mean, origin="lower", aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(trace["steps"])), [str(s) for s in trace["steps"]], rotation=45)
-    ax.set_yticks(range(len(mean)), [f"{l}*" if l == layer else str(l) for l in range(len(mean))])
+    layers = trace.get("layers", range(len(mean)))
+    ax.set_yticks(range(len(mean)), [f"{l}*" if l == layer else str(l) for l in layers])
     ax.set(xlabel="training step", ylabel="layer",
-           title=f"neuron index {trace['index']}: mean activation on '{trace['word']}'")
+           title=f"{trace.get('units', 'neuron')} index {trace['index']}: mean activation on '{trace['word']}'")
     fig.colorbar(image, ax=ax, label="mean activation")
     return _save(fig, out)
 
@@ -86,4 +87,31 @@ def retention(models: list[dict], out) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_ylim(-2, 102)
     axes[0].legend()
+    return _save(fig, out)
+
+
+def contenders(result: dict, out) -> Path:
+    """`analyze compare`: the [0, 1] measures side by side (left), the entropies with their spread (right)."""
+    cs = result["contenders"]
+    topics = len(result["topics"])
+    measures = {"topics recovered": lambda c: c["topics_recovered"] / topics, "mean best F1": lambda c: c["mean_best_f1"],
+                "steering success": lambda c: c["steering_success"],
+                "checkpoint stability": lambda c: c["checkpoint_stability"] and c["checkpoint_stability"]["share"],
+                "shared across seeds": lambda c: c["seeds"] and c["seeds"]["shared"]}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / len(cs)
+    for j, c in enumerate(cs):
+        values = [np.nan if f(c) is None else f(c) for f in measures.values()]
+        axes[0].bar(np.arange(len(measures)) + j * width, values, width, label=c["name"])
+        for e, key in enumerate(("token_entropy", "semantic_entropy")):
+            s = c[key]
+            axes[1].bar(e + j * width, np.nan if s["mean"] is None else s["mean"], width, yerr=s["std"] or 0,
+                        capsize=3, color=f"C{j}")
+    axes[0].set_xticks(np.arange(len(measures)) + 0.4 - width / 2, list(measures), rotation=15)
+    axes[0].set(ylim=(0, 1.05), ylabel="share", title="against the planted topics (higher is better; gaps: n/a)")
+    axes[0].legend()
+    axes[1].set_xticks(np.arange(2) + 0.4 - width / 2, ["token entropy", "semantic entropy"])
+    axes[1].set(ylabel="nats", title="entropy over units (lower: more specific)")
+    for ax in axes:
+        ax.grid(alpha=0.3, axis="y")
     return _save(fig, out)

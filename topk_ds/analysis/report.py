@@ -10,6 +10,13 @@ from .concepts import MIN_COUNT, TOP_TOKENS, Concepts, label, show, top_tokens
 from .stats import Stats
 
 _BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+KINDS = {"topk": "TopK", "dense": "dense", "sae": "SAE"}
+
+
+def kind_label(row: dict) -> str:
+    """A layer's kind as shown ("TopK k=16", "dense", "SAE k=16") from its statistics row."""
+    name = KINDS.get(row["kind"], row["kind"])
+    return f"{name} k={row['k']}" if row.get("k") is not None else name
 
 
 def text_of(pieces: list[str]) -> str:
@@ -53,7 +60,7 @@ class LayerReport:
         self.stats.check_neuron(self.layer, i)
         ls, stats, row = self.ls, self.stats, self.row
         report = self.summary(i) | {
-            "kind": f"TopK k={row['k']}" if row["kind"] == "topk" else "dense", "tokens": stats.tokens,
+            "kind": kind_label(row), "unit": stats.meta.get("units", "neuron"), "tokens": stats.tokens,
             "mean_activation": ls.sums[:, i].sum().item() / stats.tokens, "theta": ls.theta[i].item(),
             "layer_token_entropy_mean": row.get("token_entropy_mean"),
             "layer_semantic_entropy_mean": row.get("semantic_entropy_mean"),
@@ -89,7 +96,7 @@ def _fmt(x, digits: int = 2) -> str:
 
 
 def format_report(r: dict) -> str:
-    lines = [f"neuron {r['neuron']} ({r['kind']} layer), statistics over {r['tokens']:,} tokens",
+    lines = [f"{r['unit']} {r['neuron']} ({r['kind']} layer), statistics over {r['tokens']:,} tokens",
              f"  fires on {r['frequency']:.2%} of tokens ({r['fires']:,}); mean activation {r['mean_activation']:.4f}, "
              f"max {r['max_activation']:.3f}",
              f"  token entropy     {_fmt(r['token_entropy'])}  (layer mean {_fmt(r['layer_token_entropy_mean'])})",

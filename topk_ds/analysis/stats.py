@@ -277,7 +277,8 @@ def collect(units, tokenizer, batches, max_tokens: int, layers=None, top: int = 
         for ls in stats.values():
             ls.merge_ranks()
     direct_logit_effect(units, stats)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "units": units.name, "fingerprint": units.fingerprint(),
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "units": units.name, "description": units.description,
+            "fingerprint": units.fingerprint(),
             "tokens": seen, "seq_len": T, "vocab_size": V, "dim": D, "n_layers": model.model.cfg.n_layers,
             "context_before": before, "context_after": after, "top_contexts": top, "activation": ACTIVATION_NOTE,
             "histogram_edges": histogram_edges().tolist(),

@@ -77,7 +77,7 @@ def steering_success(units, tokenizer, candidates: list[dict], concepts, scales=
     if baseline_texts is None:
         baseline_texts = sample(units.model, tokenizer, prompt, samples, seed, max_new_tokens)
     baseline = topic_shares(baseline_texts, concepts)
-    units = []
+    results = []
     for r in progress_of(candidates, desc="steering success", unit="unit", enabled=progress):
         shares = {}
         for scale in scales:
@@ -86,11 +86,11 @@ def steering_success(units, tokenizer, candidates: list[dict], concepts, scales=
             hits, words = concepts.share(texts, r["topic"])
             shares[scale] = hits / words if words else 0.0
         gain = max(shares.values()) - baseline[r["topic"]]
-        units.append({"neuron": f"{r['layer']}:{r['index']}", "topic": r["topic"], "max_activation": r["max_activation"],
-                      "baseline_share": baseline[r["topic"]], "shares": shares, "gain": gain, "success": gain >= min_gain})
+        results.append({"neuron": f"{r['layer']}:{r['index']}", "topic": r["topic"], "max_activation": r["max_activation"],
+                        "baseline_share": baseline[r["topic"]], "shares": shares, "gain": gain, "success": gain >= min_gain})
     return {"scales": list(scales), "min_gain": min_gain, "prompt": prompt, "samples": samples, "seed": seed,
-            "max_new_tokens": max_new_tokens, "units": units,
-            "success": sum(u["success"] for u in units) / len(units) if units else 0.0}
+            "max_new_tokens": max_new_tokens, "units": results,
+            "success": sum(u["success"] for u in results) / len(results) if results else 0.0}
 
 
 def steer(units, tokenizer, layer: int, index: int, offsets: list[float], prompt: str = PROMPT, samples: int = 5,
@@ -118,7 +118,7 @@ def steer(units, tokenizer, layer: int, index: int, offsets: list[float], prompt
 
 def format_table(result: dict) -> str:
     how = "greedy" if not result["sampling"]["do_sample"] else f"seed {result['seed']}"
-    lines = [f"steering neuron {result['neuron']} from {result['prompt']!r}, {how}"
+    lines = [f"steering {result['units']} {result['neuron']} from {result['prompt']!r}, {how}"
              + (f"; share of generated content words in topic '{result['topic']}'" if result["topic"] else "")]
     for row in result["offsets"]:
         share = f"  {row['share']:6.1%} ({row['topic_words']}/{row['content_words']})" if "share" in row else ""

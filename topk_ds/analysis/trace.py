@@ -84,9 +84,10 @@ class _Batches:
 
 
 def trace_neuron(run_dir, index: int, word: str, data=None, tokens: int = TRACE_TOKENS, seq_len=None,
-                 batch: int = 16, progress: bool = True, device="cpu", dtype=None) -> dict:
-    """{steps, word, token_id, index, mean[layer][checkpoint] (abar of `word`), overall[layer][checkpoint]
-    (mean over all tokens), count}: activations as in the statistics (positive part)."""
+                 batch: int = 16, progress: bool = True, device="cpu", dtype=None, units_of=Neurons) -> dict:
+    """{steps, word, token_id, index, units, layers, mean[layer][checkpoint] (abar of `word`),
+    overall[layer][checkpoint] (mean over all tokens), count}: activations as in the statistics (positive
+    part), of the units `units_of(model)` gives in every checkpoint (default: its neurons)."""
     data, seq_len = run_data(run_dir, data, seq_len)
     windows, found = _Batches(data, seq_len, tokens, batch), {}
 
@@ -95,22 +96,23 @@ def trace_neuron(run_dir, index: int, word: str, data=None, tokens: int = TRACE_
             raise UserError(f"{run_dir}: no tokenizer found for the run (its data.path/tokenizer)")
         if "id" not in found:
             found["id"] = token_id(tokenizer, word)
-        units = Neurons(model)
+        units = units_of(model)
         units.check(None, index)
+        found["units"], found["layers"] = units.name, units.layers
         batches = windows.get(model, tokenizer)
         masks = [b == found["id"] for b in batches]
         found["count"], found["tokens"] = int(sum(m.sum() for m in masks)), sum(b.numel() for b in batches)
         if found["count"] == 0:
             raise UserError(f"'{word}' does not occur in the first {found['tokens']:,} tokens of {data}; pass more "
                             "--tokens or other --data")
-        n = model.model.cfg.n_layers
-        on_word, everywhere = (torch.zeros(n, dtype=torch.float64, device=batches[0].device) for _ in range(2))
+        row = {l: j for j, l in enumerate(units.layers)}
+        on_word, everywhere = (torch.zeros(len(row), dtype=torch.float64, device=batches[0].device) for _ in range(2))
         current = {}
 
         def record(l, acts):
             a = acts[..., index].clamp(min=0).double()
-            on_word[l] += a[current["mask"]].sum()
-            everywhere[l] += a.sum()
+            on_word[row[l]] += a[current["mask"]].sum()
+            everywhere[row[l]] += a.sum()
 
         with torch.inference_mode(), units.record(units.layers, record):
             for window, mask in zip(batches, masks):
@@ -120,19 +122,20 @@ def trace_neuron(run_dir, index: int, word: str, data=None, tokens: int = TRACE_
 
     steps, results = _over_checkpoints(run_dir, measure, device, dtype, progress)
     mean, overall = zip(*results)
-    return {"word": word, "token_id": found["id"], "index": index, "steps": steps, "count": found["count"],
+    return {"word": word, "token_id": found["id"], "index": index, "units": found["units"], "layers": found["layers"],
+            "steps": steps, "count": found["count"],
             "tokens": found["tokens"], "data": str(data), "mean": [list(r) for r in zip(*mean)],
             "overall": [list(r) for r in zip(*overall)]}
 
 
 def trace_entropy(run_dir, data=None, tokens: int = TRACE_TOKENS, seq_len=None, batch: int = 16,
-                  progress: bool = True, device="cpu", dtype=None) -> dict:
+                  progress: bool = True, device="cpu", dtype=None, units_of=Neurons) -> dict:
     """{steps, layers: [{layer, kind, token: [per checkpoint {mean, std, p5, p95}], semantic: [...]}]}."""
     data, seq_len = run_data(run_dir, data, seq_len)
     windows = _Batches(data, seq_len, tokens, batch)
 
     def measure(model, tokenizer):
-        stats = collect(Neurons(model), tokenizer, windows.get(model, tokenizer), tokens, top=0, progress=False)
+        stats = collect(units_of(model), tokenizer, windows.get(model, tokenizer), tokens, top=0, progress=False)
         compute_entropy(stats, progress=False)
         return [(row["layer"], row["kind"], _spread(stats.layers[row["layer"]].token_entropy),
                  _spread(stats.layers[row["layer"]].semantic_entropy)) for row in stats.meta["layers"]]

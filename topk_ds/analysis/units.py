@@ -11,7 +11,13 @@ and never branch on which kind it is.
                                    of `layers` and stops after the last of them (no LM head)
     units.steered(l, i, c)         while active, unit l:i is pushed by c at every position
     units.directions(l)            (width, dim) the residual-stream direction each unit writes
+    units.reconstructed(l)         while active, layer l's stream is replaced by what the units' code
+                                   reconstructs of it (the model's own neurons: the stream itself)
     units.fingerprint()            what identifies these units (model weights, SAE weights, alpha)
+    units.description              a phrase for reports ("TopK LM neurons", "latents of the SAE in ...")
+    units.extra_training()         what the units cost beyond training the model (seconds, FLOPs, tokens)
+    units.retrain(model, tok, out, seed_offset)  the same kind of units on another model (another checkpoint
+                                   of the run), or from another seed; None where that means training another model
 """
 
 import contextlib
@@ -36,19 +42,45 @@ def run_until_recorded(model, tokens: torch.Tensor) -> None:
         pass
 
 
-def model_fingerprint(model) -> dict:
-    """A model's config, alpha, step and a hash of its weights (over names, shapes and up to 65,536 evenly
-    spaced values of every tensor: fast at any size), rounded to bf16 so that the same weights loaded in fp32
-    or bf16, on any device, have one fingerprint."""
-    t = model.model
+def weights_hash(tensors) -> str:
+    """A hash of named tensors [(name, tensor)] over names, shapes and up to 65,536 evenly spaced values of
+    every tensor (fast at any size), rounded to bf16 so that the same weights loaded in fp32 or bf16, on any
+    device, have one hash."""
     h = hashlib.sha256()
-    for name, p in sorted(t.state_dict().items()):
+    for name, p in sorted(tensors, key=lambda item: item[0]):
         flat = p.detach().reshape(-1)
         h.update(f"{name}{tuple(p.shape)}".encode())
         h.update(flat[::max(1, flat.numel() // 65536)].to(torch.bfloat16).cpu().view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def model_fingerprint(model) -> dict:
+    """A model's config, alpha, step and a hash of its weights."""
+    t = model.model
     alphas = {float(m.alpha) for m in t.topk_modules()}
     return {"config": {"model": asdict(t.cfg), "topk": asdict(t.topk)}, "alpha": max(alphas, default=0.0),
-            "train_step": getattr(model.config, "train_step", None), "weights": h.hexdigest()[:20]}
+            "train_step": getattr(model.config, "train_step", None), "weights": weights_hash(t.state_dict().items())}
+
+
+@contextlib.contextmanager
+def recording(modules, layers: list[int], fn, read=lambda l, out: out):
+    """While active, every forward calls fn(l, read(l, output of modules[l])) for each of `layers`, and stops
+    after the last of them."""
+    last = max(layers)
+
+    def hook(l):
+        def call(module, args, out):
+            fn(l, read(l, out))
+            if l == last:
+                raise StopForward
+        return call
+
+    handles = [modules[l].register_forward_hook(hook(l)) for l in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def check_layers(layers, available: list[int], n_layers: int) -> list[int]:
@@ -93,7 +125,18 @@ class Units:
     def directions(self, layer: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def reconstructed(self, layer: int):
+        raise NotImplementedError
+
     def fingerprint(self) -> dict:
+        raise NotImplementedError
+
+    description = ""
+
+    def extra_training(self) -> dict:
+        raise NotImplementedError
+
+    def retrain(self, model, tokenizer, out, seed_offset: int = 0) -> "Units | None":
         raise NotImplementedError
 
     def check_layers(self, layers) -> list[int]:
@@ -127,23 +170,8 @@ class Neurons(Units):
         site = self.sites[layer]
         return site.k if isinstance(site, TopK) and float(site.alpha) == 0.0 else None
 
-    @contextlib.contextmanager
     def record(self, layers: list[int], fn):
-        last = max(layers)
-
-        def hook(l):
-            def call(module, args, out):
-                fn(l, out)
-                if l == last:
-                    raise StopForward
-            return call
-
-        handles = [self.sites[l].register_forward_hook(hook(l)) for l in layers]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+        return recording(self.sites, layers, fn)
 
     @contextlib.contextmanager
     def steered(self, layer: int, index: int, offset: float):
@@ -167,5 +195,21 @@ class Neurons(Units):
             return t.layers[layer].feed_forward.w2.weight.detach().T
         return torch.eye(self.width, device=t.norm.weight.device, dtype=t.norm.weight.dtype)
 
+    def reconstructed(self, layer: int):
+        """A neuron code is the stream itself: nothing to splice."""
+        return contextlib.nullcontext()
+
     def fingerprint(self) -> dict:
         return model_fingerprint(self.model)
+
+    @property
+    def description(self) -> str:
+        kinds = {self.kind(l) for l in self.layers}
+        return f"{'TopK LM' if 'topk' in kinds else 'dense LM'} neurons ({self.model.model.topk.site} site)"
+
+    def extra_training(self) -> dict:
+        return {"seconds": 0.0, "flops": 0.0, "tokens": 0, "what": "nothing: the code is the model's own"}
+
+    def retrain(self, model, tokenizer, out, seed_offset: int = 0) -> "Neurons | None":
+        """Another checkpoint's neurons are its own; another seed would be another training of the model."""
+        return Neurons(model) if seed_offset == 0 else None
