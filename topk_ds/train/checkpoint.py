@@ -6,6 +6,8 @@ every rank has returned from save_checkpoint, it lists each file with its size, 
 missing file is caught before DeepSpeed tries to load it.
 """
 
+import contextlib
+import io
 import json
 import random
 import re
@@ -137,6 +139,35 @@ class Checkpointer:
         if not is_universal(path) and (reason := problem(path)) is not None:
             raise UserError(f"--resume {resume}: checkpoint is not usable: {reason}")
         return path
+
+
+def saved_weights(tag_dir: Path) -> dict:
+    """The model weights of one tag directory, with DeepSpeed's keys, lazily: every value has `.shape`, and
+    `.contiguous()` makes it a tensor. ZeRO-1/2/3 shards are consolidated by DeepSpeed's zero_to_fp32 one
+    tensor at a time (fp32); ZeRO-0's model-states file is memory-mapped."""
+    if list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints four lines of progress per checkpoint
+            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True)
+    return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False, mmap=True)["module"]
+
+
+def warm_start_tag(path: str) -> Path:
+    """train.init_from -> a complete tag directory: the newest complete checkpoint of a run directory (or of
+    its checkpoints/), or the global_stepN directory given."""
+    given = Path(path)
+    for ckpt_dir in (given / "checkpoints", given):
+        if tags_by_step(ckpt_dir):
+            if (found := latest_complete(ckpt_dir, log=lambda m: None)) is None:
+                raise UserError(f"train.init_from={path}: no complete checkpoint in {ckpt_dir}")
+            return found
+    if not (_TAG.match(given.name) and given.is_dir()):
+        raise UserError(f"train.init_from={path}: expected a run directory, its checkpoints/ or a global_stepN "
+                        "checkpoint directory")
+    if (reason := problem(given)) is not None:
+        raise UserError(f"train.init_from={path}: the checkpoint is not usable: {reason}")
+    return given
 
 
 def is_universal(path: Path) -> bool:

@@ -12,8 +12,8 @@ from ..config import Config, save_config
 from ..data.dataset import GlobalSampler, TokenWindows
 from ..errors import UserError
 from ..io import write_json
-from .checkpoint import Checkpointer, TrainState, is_universal
-from .distributed import Preemption, any_rank, barrier, mean_over_ranks, rank, world_size
+from .checkpoint import Checkpointer, TrainState, is_universal, saved_weights, warm_start_tag
+from .distributed import Preemption, any_rank, barrier, data_parallel, mean_over_ranks, rank, world_size
 from .engine import Engine, init_distributed
 from .monitor import Monitor, peak_flops, truncate_metrics
 from .prefetch import Prefetcher
@@ -37,23 +37,26 @@ def open_data(cfg: Config) -> tuple[TokenWindows, TokenWindows | None]:
 def validation_batches(val: TokenWindows, cfg: Config) -> list[torch.Tensor]:
     """The same windows at every validation; each rank takes an equal, disjoint share (ZeRO-3 needs
     every rank to run the same number of forwards)."""
-    micro, world = cfg.train.micro_batch, world_size()
+    micro, (dp_rank, world) = cfg.train.micro_batch, data_parallel(cfg.train.sequence_parallel)
     per_rank = min(cfg.train.eval_batches, len(val) // (micro * world))
     if per_rank == 0:
         raise UserError(f"the validation split has {len(val)} windows, fewer than {micro * world} "
                         f"(micro_batch x ranks); prepare more --val-tokens or set train.eval_every=0")
-    return [val.batch(range((b * world + rank()) * micro, (b * world + rank() + 1) * micro)) for b in range(per_rank)]
+    return [val.batch(range((b * world + dp_rank) * micro, (b * world + dp_rank + 1) * micro)) for b in range(per_rank)]
 
 
 def train(cfg: Config, resume: str = "none") -> Path:
+    dp_rank, dp_world = data_parallel(cfg.train.sequence_parallel)
     init_distributed()
     run_dir = Path(cfg.train.out_dir)
     data, val = open_data(cfg)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.save_every, cfg.train.keep_last,
                                 is_writer=int(os.environ.get("LOCAL_RANK", 0)) == 0)
     start = checkpointer.resolve(resume, log=print if rank() == 0 else lambda m: None)
-    engine = Engine(cfg, run_dir, universal=start is not None and is_universal(start))
-    global_batch = cfg.train.micro_batch * cfg.train.grad_accum * world_size()
+    warm = warm_start_tag(cfg.train.init_from) if start is None and cfg.train.init_from else None
+    engine = Engine(cfg, run_dir, universal=start is not None and is_universal(start),
+                    weights=saved_weights(warm) if warm else None)
+    global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dp_world
     if rank() == 0:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -79,10 +82,13 @@ def train(cfg: Config, resume: str = "none") -> Path:
                       peak=peak_flops(engine.device, cfg.train.precision), world=world_size(),
                       health_window=cfg.train.health_window, log_every=cfg.train.log_every,
                       is_rank0=rank() == 0)
-    monitor.log(f"{'resumed from ' + str(start) if start else 'started'} at step {state.step} of {cfg.train.steps}: "
-                f"{cfg.model.num_params():,} parameters, {world_size()} ranks, global batch {global_batch} x {cfg.data.seq_len} tokens")
+    sp = cfg.train.sequence_parallel
+    ranks = f"{world_size()} ranks" + (f" ({dp_world} data-parallel x {sp} sequence-parallel)" if sp > 1 else "")
+    how = f"resumed from {start}" if start else f"started from the weights of {warm}" if warm else "started"
+    monitor.log(f"{how} at step {state.step} of {cfg.train.steps}: "
+                f"{cfg.model.num_params():,} parameters, {ranks}, global batch {global_batch} x {cfg.data.seq_len} tokens")
     bad_in_a_row = 0
-    next_indices = functools.partial(sampler.next_step, rank(), world_size(), cfg.train.micro_batch)
+    next_indices = functools.partial(sampler.next_step, dp_rank, dp_world, cfg.train.micro_batch)
     with Preemption() as preemption, Prefetcher(data.batch, next_indices, sampler.state_dict,
                                                 pin_memory=engine.device.type == "cuda") as prefetch:
         while state.step < cfg.train.steps:
