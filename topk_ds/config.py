@@ -157,6 +157,11 @@ def _coerce(value, hint, where: str):
         if isinstance(value, bool):
             return value
         raise UserError(f"{where} must be true or false, got {value!r}")
+    if hint in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-4 (no dot) as a string
+            value = float(value) if hint is float or not value.strip().lstrip("+-").isdigit() else int(value)
+        except ValueError:
+            pass
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or int(value) != value:
             raise UserError(f"{where} must be an integer, got {value!r}")
