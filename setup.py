@@ -20,6 +20,7 @@ setup(
         "numpy>=1.26",
         "pyyaml>=6",
         "tqdm>=4.66",
+        "psutil>=5.9",  # available host memory, stated before analysis runs
         "matplotlib>=3.8",
         "wandb>=0.19",
         "tensorboard>=2.15",

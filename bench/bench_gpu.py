@@ -8,7 +8,8 @@ checkpoint and resumed, gives the uninterrupted run's losses at steps 16-30.
 Speed (tokens/s, MFU against the datasheet peak, peak memory): a paper-like model (D=2048, L=8,
 seq 1024) TopK vs its dense twin through the engine under ZeRO-1/2/3, compiled blocks off/on, the
 tuned ZeRO-3 JSON; our dense model vs transformers' LlamaForCausalLM of the same shape in plain
-PyTorch; the TopK op forward + backward vs ReLU at D=2048, k=64, 16k tokens, eager and compiled.
+PyTorch; the TopK op forward + backward vs ReLU at D=2048, k=64, 16k tokens, eager and compiled;
+the statistics pass vs the bare forward and lm-eval's items/s (bench/gpu_analysis.py).
 
     bash bench/gpu_setup.sh bench/bench_gpu.py     # what `make bench-gpu` runs on a bare GPU machine
     python bench/bench_gpu.py --dry-run --out /tmp/r.md [--data DIR]
@@ -38,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.bench_model import hf_llama, hf_logits, ours_logits, step  # noqa: E402
 from bench.common import Figure, table  # noqa: E402
+from bench.gpu_analysis import analysis_figures  # noqa: E402
 from topk_ds.model import ModelConfig, TopKConfig, Transformer, topk_activation  # noqa: E402
 from topk_ds.model.topk import topk_indices  # noqa: E402
 
@@ -331,11 +333,13 @@ def main() -> None:
         work = Path(tmp)
         started = time.time()
         checks = [check_topk_device_equals_cpu(dry)]
-        checks += check_training_resume(args.data or make_data(work, dry), work, dry)
+        data = args.data or make_data(work, dry)
+        checks += check_training_resume(data, work, dry)
         failed |= not all(c["ok"] for c in checks)
         sections.append(("correctness", time.time() - started, checks_table(checks)))
         for name, part in (("TopK op", lambda: op_figures(dry)), ("model vs transformers", lambda: hf_figures(dry)),
-                           ("engine", lambda: engine_figures(work, dry))):
+                           ("engine", lambda: engine_figures(work, dry)),
+                           ("analysis and evaluation", lambda: analysis_figures(data, work, dry))):
             started = time.time()
             try:
                 figures = part()

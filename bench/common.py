@@ -48,15 +48,21 @@ def timeit(fn, repeats: int = 5, warmup: int = 1) -> float:
 
 def timeit_pair(fn, peer, repeats: int = 5, warmup: int = 1) -> tuple[float, float]:
     """Median times of fn and peer, interleaved so both see the same machine conditions."""
+    return timeit_all(fn, peer, repeats=repeats, warmup=warmup)
+
+
+def timeit_all(*fns, repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Median times of every fn, interleaved so all see the same machine conditions."""
     for _ in range(warmup):
-        fn(), peer()
-    a, b = [], []
+        for f in fns:
+            f()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        for f, out in ((fn, a), (peer, b)):
+        for f, out in zip(fns, times):
             start = time.perf_counter()
             f()
             out.append(time.perf_counter() - start)
-    return statistics.median(a), statistics.median(b)
+    return [statistics.median(t) for t in times]
 
 
 def table(figures: list[Figure]) -> str:

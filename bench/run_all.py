@@ -10,6 +10,7 @@ which run produced it.
 
 import argparse
 import json
+import os
 import platform
 import re
 import subprocess
@@ -39,7 +40,7 @@ def main() -> None:
     sections, failed = kept_sections(names) if args.only else {}, []
     for name in names:
         print(f"== bench_{name}", flush=True)
-        started = time.time()
+        started, load = time.time(), os.getloadavg()[0]
         proc = subprocess.run([sys.executable, str(BENCH / f"bench_{name}.py"), *(["--quick"] if args.quick else [])],
                               cwd=BENCH.parent)
         result = OUT / f"{name}.json"
@@ -50,6 +51,8 @@ def main() -> None:
         data = json.loads(result.read_text())
         figures = [Figure(**{k: v for k, v in f.items() if k != "ok"}) for f in data["figures"]]
         notes = "".join(f"- {k}: {v}\n" for k, v in data.items() if k != "figures")
+        notes += (f"- machine load (other users' work included): 1-minute load average {load:.1f} at the start, "
+                  f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores\n")
         sections[name] = f"## {name} ({time.time() - started:.0f} s; {run})\n\n{table(figures)}\n\n{notes}"
     header = (f"# Benchmark results\n\n`python bench/run_all.py` on {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}. A ratio compares the figure with its peer "

@@ -19,7 +19,7 @@ def test_dry_run_exercises_every_part(synthetic_data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()
     assert "not a GPU measurement" in text and "FAILED" not in text
-    for section in ("## correctness", "## TopK op", "## model vs transformers", "## engine"):
+    for section in ("## correctness", "## TopK op", "## model vs transformers", "## engine", "## analysis and evaluation"):
         assert section in text
     correctness = text.split("## correctness")[1].split("\n## ")[0]
     assert correctness.count("| yes |") == 3 and "| NO |" not in correctness

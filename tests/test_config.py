@@ -29,6 +29,16 @@ def test_precedence_defaults_preset_yaml_overrides(tmp_path):
     assert load_config(None).model.dim == 1024
 
 
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads 3e-4 as a string; a config would refuse the way most people write a learning rate."""
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny\ntrain:\n  lr: 3e-4\n")
+    assert load_config(str(path)).train.lr == 3e-4
+    cfg = load_config("tiny", ["train.lr=1E-3", "model.dim=9.6e1", "train.steps=1e3"])
+    assert (cfg.train.lr, cfg.model.dim, cfg.train.steps) == (1e-3, 96, 1000)
+    assert isinstance(cfg.train.steps, int)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["topk.k=65"], "topk.k=65 exceeds model.dim=64"),
     (["topk.n_nontopk=5"], "topk.n_nontopk=5 must be in [0, model.n_layers=4]"),
@@ -39,6 +49,8 @@ def test_precedence_defaults_preset_yaml_overrides(tmp_path):
     (["topk.anneal_ratio=1.5"], "topk.anneal_ratio=1.5 must be in [0, 1]"),
     (["data.seq_len=4096"], "data.seq_len=4096 must be in [1, model.max_seq_len=256]"),
     (["train.lr=-1"], "train.lr=-1.0 must be > 0"),
+    (["train.lr=nan"], "train.lr must be a finite number"),
+    (["model.dim=1e1.5"], "model.dim must be an integer"),
     (["model.dim=abc"], "model.dim must be an integer"),
     (["model.bogus=1"], "unknown config key 'model.bogus'; valid keys of model: dim,"),
     (["bogus.x=1"], "unknown config key 'bogus'; valid keys: data, model, topk, train"),

@@ -35,6 +35,8 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path):
     table = (out / "eval" / "table.md").read_text()
     assert "| dense | 40 | 128 | 4 | ✗ |" in table and "| topk | 40 | 128 | 4 | ✓ k=16 |" in table
     assert (out / "entropy.png").read_bytes()[:4] == b"\x89PNG" and (out / "site" / "index.html").is_file()
+    site = [p.stat().st_size for p in (out / "site").rglob("*") if p.is_file()]  # the browser's page weight
+    assert sum(site) < 20_000_000 and max(p.stat().st_size for p in (out / "site" / "neurons").iterdir()) < 200_000
     steering = list((out / "stats" / "topk" / "steering").glob("*.json"))
     assert len(steering) == 1
     result = json.loads(steering[0].read_text())

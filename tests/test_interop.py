@@ -329,11 +329,14 @@ def test_browser_in_headless_chromium(concept_model, tmp_path):
     dom, console = render(page.as_uri(), tmp_path, str(tmp_path / "neuron.png"))
     assert console == [] and "<svg" in dom and "direct logit effect" in dom and 'class="h10 at"' in dom
     assert (tmp_path / "neuron.png").read_bytes()[:4] == b"\x89PNG"
-    l, topic = best["layer"], best["topic"]  # a layer table opened filtered by the address: that topic's rows shown
-    dom, console = render(f"{(site / f'layer{l}.html').as_uri()}?topic={topic}", tmp_path)
+    l, topic = best["layer"], best["topic"]  # a layer table opened filtered and sorted by the address
+    dom, console = render(f"{(site / f'layer{l}.html').as_uri()}?topic={topic}&sort=-top_mean", tmp_path)
     assert console == [] and dom.count("<input") == 11  # a filter per column, topic columns included
-    expected = sum(r["layer"] == l and r["topic"] == topic for r in rows)
-    assert f'id="shown">{expected}<' in dom and dom.count('style="display: none;"') == stats.layers[l].dim - expected
+    expected = {r["index"]: float(f"{r['top_mean']:.6g}") for r in rows if r["layer"] == l and r["topic"] == topic}
+    assert f'id="shown">{len(expected)}<' in dom and dom.count('style="display: none;"') == stats.layers[l].dim - len(expected)
+    shown = [int(m) for m in re.findall(r'<tr>(?:<td data-v="(\d+)">)', dom[dom.index("<tbody>"):])]
+    assert sorted(shown) == sorted(expected)  # the rows left visible: that topic's, best top mean first
+    assert [expected[i] for i in shown] == sorted(expected.values(), reverse=True), shown
 
     pages = list((site / "neurons").glob("*.html"))
     assert len(pages) == sum(ls.dim for ls in stats.layers.values())

@@ -20,7 +20,8 @@ def copy_into_hf_llama(model: Transformer) -> LlamaForCausalLM:
     hf = LlamaForCausalLM(LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers,
         num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads, rms_norm_eps=c.norm_eps,
-        max_position_embeddings=c.max_seq_len, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings,
+        max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta} | (c.rope_scaling or {}),
         attention_bias=False, mlp_bias=False))
     q, kv = c.n_heads * c.head_dim, c.kv_heads * c.head_dim
     sd = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,

@@ -143,7 +143,8 @@ def test_comparison_reports_three_contenders_with_every_metric_finite(concept_mo
     cli("analyze", "compare", "--topk", concept_model[0].parent / "run", "--dense", dense_hf.parent / "run",
         "--sae", tmp_path / "sae", "--data", synthetic_data[1], "--tokens", 32_000, "--seq-len", 128,
         "--val-tokens", 8192, "--seeds", 2, "--steer-units", 2, "--samples", 2, "--max-new-tokens", 16, "--out", out)
-    assert "(3 contenders)" in capsys.readouterr().out
+    out_text, err = capsys.readouterr()
+    assert "(3 contenders)" in out_text and "sae train: 32,000 tokens x" in err
     result = json.loads((out / "compare.json").read_text())
     cs = result["contenders"]
     assert [c["kind"] for c in cs] == ["topk", "dense", "sae"] and result["layers"] == [0, 1]

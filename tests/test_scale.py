@@ -64,8 +64,13 @@ def test_device_that_is_not_there_is_one_line_before_any_work(no_gpu, tiny_hf, t
                  ["analyze", "neuron", tiny_hf, "0:1", "--data", synthetic_data[1]],
                  ["analyze", "trace", tiny_run, "--entropy", "--out", out],
                  ["steer", tiny_hf, "--neuron", "0:1", "--offset", 2, "--out", out / "s.json"],
-                 ["eval", tiny_hf, "--suite", "local", "--out", out]):
+                 ["eval", tiny_hf, "--suite", "local", "--out", out],
+                 ["sae", "train", tiny_hf, "--data", synthetic_data[1], "--out", out],
+                 ["analyze", "compare", "--topk", tiny_hf, "--dense", tiny_hf, "--sae", out, "--data", synthetic_data[1],
+                  "--out", out]):
         assert_one_error(cli_main(capsys, *argv, "--device", "cuda:1"), "--device cuda:1", "CUDA is not available")
+        if argv[0] == "sae" or argv[1] == "compare":  # SAEs train in fp32 on the CPU
+            assert_one_error(cli_main(capsys, *argv, "--device", "cpu", "--dtype", "bf16"), "fp32 on the CPU")
     assert_one_error(cli_main(capsys, "steer", tiny_hf, "--neuron", "0:1", "--offset", 2, "--device", "gpu"),
                      "--device", "auto, cpu, cuda or cuda:N")
     assert not out.exists()
@@ -91,8 +96,9 @@ def test_steer_in_bf16_states_its_cost_and_writes_its_samples(tiny_hf, tmp_path,
 
 def test_load_reads_a_checkpoint_one_tensor_at_a_time(tiny_run, monkeypatch):
     """A ZeRO checkpoint is consolidated and cast tensor by tensor: in bf16, no fp32 tensor read earlier is
-    still alive when the next is read (never a second copy of the model); in fp32 the tensor read becomes
-    the parameter itself (no copy at all)."""
+    still alive when the next is read; in fp32 the tensor read becomes the parameter itself (no copy). Here
+    (ZeRO-2) the tensors are views of DeepSpeed's one merged fp32 vector; from ZeRO-3 shards each is
+    gathered as it is read (DeepSpeed's lazy mode), so no whole fp32 copy is made besides the model."""
     import topk_ds.convert.hf_export as hf_export
     from topk_ds import load
 
@@ -192,17 +198,26 @@ def test_stats_memory_grows_with_the_analysed_layers():
 
 
 def test_analysis_bad_values_are_one_line(tiny_hf, tiny_run, synthetic_data, tmp_path, capsys):
-    """Non-finite and negative values, and a window longer than the model's context."""
+    """Non-finite, zero and negative values, a window or a generation longer than the model's context, a figure
+    that would not be a PNG."""
     steer = ["steer", tiny_hf, "--neuron", "0:1", "--out", tmp_path / "s.json", "--offset"]
     assert_one_error(cli_main(capsys, *steer, "nan"), "--offset", "finite")
     assert_one_error(cli_main(capsys, *steer, "inf"), "--offset", "finite")
+    assert_one_error(cli_main(capsys, *steer, 2, "--max-new-tokens", 100000), "--max-new-tokens 100000",
+                     "exceeds the model's context (max_seq_len 256)")
     assert_one_error(cli_main(capsys, "analyze", "entropy", tmp_path, "--threshold", "nan"), "--threshold", "finite")
-    assert_one_error(cli_main(capsys, "analyze", "neuron", tmp_path, "0:1", "--contexts", "-3"), "--contexts", ">= 0")
+    assert_one_error(cli_main(capsys, "analyze", "entropy", tmp_path, "--compare", tmp_path / "x.xyz"), "x.xyz", "PNG")
+    for command in (["neuron", tmp_path, "0:1"], ["browse", tmp_path, "--out", tmp_path / "site"]):
+        assert_one_error(cli_main(capsys, "analyze", *command, "--contexts", "-3"), "--contexts", ">= 0")
+    for option in ("--seq-len", "--batch-tokens"):
+        assert_one_error(cli_main(capsys, "analyze", "stats", tiny_hf, "--data", synthetic_data[1], "--out",
+                                  tmp_path / "o", option, 0), option, ">= 1")
     assert_one_error(cli_main(capsys, "analyze", "stats", tiny_hf, "--data", synthetic_data[1], "--out", tmp_path / "o",
                               "--seq-len", 100000), "--seq-len 100000 exceeds the model's context", "<= 256")
     assert_one_error(cli_main(capsys, "analyze", "trace", tiny_run, "--entropy", "--seq-len", 100000, "--out",
                               tmp_path / "t"), "--seq-len 100000 exceeds")
-    assert not (tmp_path / "s.json").exists() and not (tmp_path / "o").exists() and not (tmp_path / "t").exists()
+    for written in ("s.json", "o", "t", "x.xyz", "site"):
+        assert not (tmp_path / written).exists()
 
 
 def test_truncated_statistics_are_one_line(stats_dir, tmp_path, capsys):

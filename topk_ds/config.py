@@ -18,7 +18,7 @@ import yaml
 
 from .errors import UserError
 from .io import write_text
-from .model.args import ModelConfig, TopKConfig
+from .model.args import ModelConfig, TopKConfig, rope_scaling_problem
 from .model.topk import ACTIVATIONS, SCHEDULES
 
 
@@ -46,6 +46,13 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp32 (fp32 on CPU: bf16 matmuls there are ~25x slower)
     ds_config: str = "ds_configs/zero3_bf16.json"  # DeepSpeed engine knobs (ZeRO stage, offload, ...)
     activation_checkpointing: bool = False  # recompute each block in backward (wide D ablations)
+    # ranks that share each sequence (DeepSpeed-Ulysses: each runs seq_len / N positions, attention all-to-alls
+    # heads); data-parallel ranks = ranks / N, and the global batch counts sequences over those
+    sequence_parallel: int = 1
+    # start from these weights (a run, its checkpoints/ or a global_stepN tag) with a fresh optimizer, schedule and
+    # data order, e.g. to continue a model at a longer context (a TopK model is sparse already: topk.anneal_ratio=0);
+    # a resumed run keeps its own weights
+    init_from: str = ""
     compile: bool = False  # torch.compile each block; off until a GPU measurement shows that it pays
     save_every: int = 1000  # checkpoint every N optimizer steps (and at the end)
     keep_last: int = 3  # checkpoints kept; older ones are deleted
@@ -109,6 +116,19 @@ _PRESETS = {
     # when widening D (set it explicitly for the width ablations).
     "paper-1024x8": _paper(1024, 8, 2816),
     "paper-2048x24": _paper(2048, 24, 5632),
+    # Long context (README "Long context"): paper-1024x8, trained at 1k on `corpus synth --long` data, continued at
+    # 8k on one node of 8 GPUs, each sequence split over all 8 (Ulysses: 1k positions and 2 of the 16 heads per GPU,
+    # so a GPU holds the activations of the 1k run at micro-batch 8), RoPE stretched 8x by YaRN; set
+    # train.init_from to the 1k run. Global batch 64 x 8192 tokens (the 1k run's 524,288 per step), ~1B tokens;
+    # peak LR, warmup and step count are our defaults.
+    "long": {
+        "model": {**_paper(1024, 8, 2816)["model"], "max_seq_len": 8192,
+                  "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 1024}},
+        "topk": {"k": 64, "n_nontopk": 2, "anneal_ratio": 0.0},  # continued from a finished (sparse) TopK run
+        "data": {"seq_len": 8192},
+        "train": {"out_dir": "runs/long-1024x8", "sequence_parallel": 8, "micro_batch": 8, "grad_accum": 8,
+                  "steps": 2000, "lr": 1e-4, "warmup_ratio": 0.05, "save_every": 250, "eval_every": 250},
+    },
 }
 PRESETS = {**_PRESETS, **{f"{name}-dense": {**p, "topk": {**p["topk"], "enabled": False}} for name, p in _PRESETS.items()}}
 
@@ -130,10 +150,19 @@ def _coerce(value, hint, where: str):
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{where} must be a list, got {value!r}")
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is dict:  # a mapping of plain values (model.rope_scaling), set as a whole
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a mapping like {{key: value, ...}}, got {value!r}")
+        return dict(value)
     if hint is bool:
         if isinstance(value, bool):
             return value
         raise UserError(f"{where} must be true or false, got {value!r}")
+    if hint in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-4 (no dot) as a string
+            value = float(value) if hint is float or not value.strip().lstrip("+-").isdigit() else int(value)
+        except ValueError:
+            pass
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or int(value) != value:
             raise UserError(f"{where} must be an integer, got {value!r}")
@@ -272,6 +301,7 @@ def validate(cfg: Config) -> None:
                f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
     _check(m.vocab_size is None or m.vocab_size >= 2, f"model.vocab_size={m.vocab_size} must be >= 2 (or null: from the data)")
     _check(m.norm_eps > 0 and m.rope_theta > 0 and m.init_std > 0, "model.norm_eps, model.rope_theta and model.init_std must be > 0")
+    _check((problem := rope_scaling_problem(m.rope_scaling)) is None, f"model.rope_scaling: {problem}")
 
     _check(t.site in ("residual", "mlp"), f"topk.site='{t.site}' must be one of: residual, mlp")
     width = t.width(m)
@@ -286,6 +316,11 @@ def validate(cfg: Config) -> None:
     for name in ("steps", "micro_batch", "grad_accum", "save_every", "keep_last", "eval_batches", "log_every", "health_window",
                  "max_bad_steps"):
         _check(getattr(tr, name) >= 1, f"train.{name}={getattr(tr, name)} must be >= 1")
+    sp = tr.sequence_parallel
+    _check(sp >= 1, f"train.sequence_parallel={sp} must be >= 1")
+    for what, n in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads), ("data.seq_len", d.seq_len)):
+        _check(n % sp == 0, f"train.sequence_parallel={sp} must divide {what}={n} (each of the {sp} ranks of a "
+                            "sequence gets an equal share of the positions and of the attention heads)")
     _check(tr.eval_every >= 0, f"train.eval_every={tr.eval_every} must be >= 0 (0: no validation)")
     _check(tr.lr > 0, f"train.lr={tr.lr} must be > 0")
     _check(0.0 <= tr.min_lr_ratio <= 1.0, f"train.min_lr_ratio={tr.min_lr_ratio} must be in [0, 1]")

@@ -275,6 +275,26 @@ def communication(knobs: ZeroKnobs, params: int, partitioned: int, units: int, g
                for link in ("nvlink", "ib", "pcie")}}
 
 
+def ulysses_traffic(m, micro_batch: int, seq_len: int, sp: int, gpus_per_node: int, checkpointing: bool, gpu: Gpu,
+                    ib: float, latency: float) -> list[dict]:
+    """Sequence parallelism's all-to-alls in one micro-step, as rows of `communication`: in every layer q, k
+    and v go from (T/N positions, all heads) to (all T positions, heads/N) and the attention output comes
+    back, in the forward and, as gradients, in the backward (a checkpointed block runs its forward twice).
+    A GPU keeps 1/N of what it holds and sends the rest, over NVLink to the group's GPUs in its node and
+    InfiniBand to the others. Attention waits for them, so they are counted exposed. TopK adds none: it
+    acts on each token's hidden state, which one GPU holds whole."""
+    elements = micro_batch * seq_len // sp * (2 * m.n_heads + 2 * m.kv_heads) * m.head_dim  # q, k, v, out of a layer
+    sent = 2 * elements * (sp - 1) / sp  # bf16 bytes per layer and pass
+    off_node = max(0, sp - gpus_per_node) / (sp - 1)
+    rows = []
+    for name, passes in (("forward", 2 if checkpointing else 1), ("backward", 1)):
+        nvlink, inter, calls = passes * m.n_layers * sent * (1 - off_node), passes * m.n_layers * sent * off_node, 4 * passes * m.n_layers
+        rows.append({"name": f"sequence-parallel all-to-all (q, k, v, out), {name}", "when": "exposed per micro-step",
+                     "calls": calls, "nvlink_bytes": nvlink, "ib_bytes": inter, "pcie_bytes": 0.0,
+                     "seconds": nvlink / gpu.nvlink + inter / ib + calls * latency})
+    return rows
+
+
 def plan(cfg, gpus_per_node: int, nodes: int = 1, gpu: str = "h200", zero: int | None = None, offload: bool = False,
          tokens: float = 20e9, mfu: float = 0.4, micro_batch: int | None = None, seq_len: int | None = None,
          ds_config: dict | None = None, nvlink: float | None = None, ib: float = IB, pcie: float | None = None,
@@ -314,6 +334,11 @@ def plan(cfg, gpus_per_node: int, nodes: int = 1, gpu: str = "h200", zero: int |
         notes.append("activations count the TopK layers' dense relu masks, held only while alpha > 0 (annealing)")
 
     gpus = gpus_per_node * nodes
+    sp = cfg.train.sequence_parallel
+    _check(gpus % sp == 0, f"train.sequence_parallel={sp} does not divide the {gpus} GPUs")
+    _check(seq_len % sp == 0, f"train.sequence_parallel={sp} must divide the sequence length {seq_len}")
+    if sp > gpus_per_node:
+        notes.append(f"train.sequence_parallel={sp} spans nodes: part of every all-to-all crosses InfiniBand")
     total, largest = m.num_params(), largest_layer_params(m)
     states_gpu, states_cpu = model_state_bytes(total, largest, gpus_per_node, nodes, knobs.stage,
                                                knobs.offload_optimizer, knobs.offload_params)
@@ -337,23 +362,31 @@ def plan(cfg, gpus_per_node: int, nodes: int = 1, gpu: str = "h200", zero: int |
     usable = int(device.memory_gib * GIB * (1 - MARGIN))
     memory = {}
     for name, ckpt in (("plain", False), ("checkpointed", True)):
-        act = activation_bytes(cfg, micro_batch, seq_len, 2, ckpt, annealing)
-        per_sequence = activation_bytes(cfg, 1, seq_len, 2, ckpt, annealing)["peak"]
+        # a GPU holds seq_len / N positions of each sequence (Ulysses' attention: all of them for heads / N)
+        act = activation_bytes(cfg, micro_batch, seq_len // sp, 2, ckpt, annealing)
+        per_sequence = activation_bytes(cfg, 1, seq_len // sp, 2, ckpt, annealing)["peak"]
         used = states_gpu + buffers + act["peak"]
         memory[name] = {"activations_saved": act["saved"], "activations_peak": act["peak"], "total": used,
                         "fits": used <= usable, "max_micro_batch": max(0, (usable - states_gpu - buffers) // per_sequence)}
 
     flops = m.flops_per_token(seq_len)
-    sequences = micro_batch * cfg.train.grad_accum * gpus
+    sequences = micro_batch * cfg.train.grad_accum * gpus // sp
     tokens_per_step = sequences * seq_len
-    compute = micro_batch * seq_len * flops / (device.peak * mfu)  # one micro-step, seconds
+    compute = micro_batch * seq_len // sp * flops / (device.peak * mfu)  # one micro-step, seconds
     comm = communication(knobs, total, partitioned, units, gpus_per_node, nodes, cfg.train.grad_accum, compute,
                          device, ib, latency)
+    if sp > 1:
+        rows = ulysses_traffic(m, micro_batch, seq_len, sp, gpus_per_node, cfg.train.activation_checkpointing, device,
+                               ib, latency)
+        comm["collectives"] += [r | {"per_step": cfg.train.grad_accum} for r in rows]
+        comm["exposed_seconds"] += cfg.train.grad_accum * sum(r["seconds"] for r in rows)
+        for link in ("nvlink", "ib"):
+            comm[f"{link}_bytes_per_step"] += cfg.train.grad_accum * sum(r[f"{link}_bytes"] for r in rows)
     step = cfg.train.grad_accum * compute + comm["exposed_seconds"]
     throughput = tokens_per_step / step  # tokens/s
-    reference = cfg.train.micro_batch * cfg.train.grad_accum * REFERENCE_GPUS
+    reference = cfg.train.micro_batch * cfg.train.grad_accum * REFERENCE_GPUS // sp
     if sequences != reference:
-        keep = reference / (micro_batch * gpus)
+        keep = reference / (micro_batch * gpus // sp)
         advice = (f"set train.grad_accum={keep:g} to keep it" if keep == int(keep) and keep >= 1 else
                   "change train.micro_batch or train.grad_accum to keep it")
         notes.append(f"the global batch (micro x accum x GPUs) changes with the GPU count: {sequences:,} sequences here, "
@@ -377,6 +410,7 @@ def plan(cfg, gpus_per_node: int, nodes: int = 1, gpu: str = "h200", zero: int |
                    "partitioned": partitioned, "fetch_units": units},
         "flops_per_token": flops,
         "batch": {"micro_batch": micro_batch, "seq_len": seq_len, "grad_accum": cfg.train.grad_accum,
+                  "sequence_parallel": sp, "data_parallel": gpus // sp,
                   "global_batch": sequences, "tokens_per_step": tokens_per_step},
         "memory": {"model_states_gpu": states_gpu, "model_states_cpu_per_node": states_cpu, "zero_buffers": buffers,
                    "usable": usable, "margin": MARGIN, "checkpointing_in_config": cfg.train.activation_checkpointing,
@@ -435,8 +469,11 @@ def _header(p: dict) -> list[str]:
         f"cluster   {c['nodes']} node{'s' if c['nodes'] > 1 else ''} x {c['gpus_per_node']} {c['gpu'].upper()} = {c['gpus']} GPUs, bf16; "
         f"links per GPU: NVLink {links['nvlink'] / 1e9:g} GB/s, InfiniBand {links['ib'] / 1e9:g} GB/s, "
         f"PCIe {links['pcie'] / 1e9:g} GB/s, {links['latency'] * 1e6:g} us per collective",
-        f"batch     micro {b['micro_batch']} x accum {b['grad_accum']} x {c['gpus']} GPUs = {b['global_batch']} "
-        f"sequences = {b['tokens_per_step']:,} tokens per step",
+        f"batch     micro {b['micro_batch']} x accum {b['grad_accum']} x "
+        + (f"{b['data_parallel']} data-parallel ({c['gpus']} GPUs / sequence_parallel {b['sequence_parallel']}: "
+           f"{b['seq_len'] // b['sequence_parallel']:,} positions of each sequence per GPU)"
+           if b["sequence_parallel"] > 1 else f"{c['gpus']} GPUs")
+        + f" = {b['global_batch']} sequences = {b['tokens_per_step']:,} tokens per step",
     ]
 
 

@@ -54,6 +54,12 @@ function sortable(table) {
       rows.forEach(function (r) { body.appendChild(r); });
     });
   });
+  var sort = new URLSearchParams(location.search).get("sort");  // layerL.html?sort=-frequency opens sorted, descending
+  if (sort) table.querySelectorAll("thead tr:first-child th").forEach(function (th) {
+    if (th.dataset.key !== sort.replace(/^-/, "")) return;
+    th.click();
+    if (sort[0] === "-") th.click();
+  });
 }
 
 // A filter is text (contained, case-insensitive) or a comparison: ">2", "<=0.5", "=3", "1..2".
@@ -169,7 +175,7 @@ def _cell(value, fmt: str) -> str:
 
 
 def _table(rows: list[dict], columns, link, filters: bool = False) -> str:
-    head = "".join(f"<th>{escape(name)}</th>" for name, _, _ in columns)
+    head = "".join(f'<th data-key="{key}">{escape(name)}</th>' for name, key, _ in columns)
     if filters:  # a second header row: one filter per column
         head += "</tr><tr>" + "".join(f'<th><input data-key="{key}" placeholder="{"music" if key in ("label", "topic") else ">0.5"}" '
                                       f'aria-label="filter {escape(name)}"></th>' for name, key, _ in columns)
@@ -301,8 +307,8 @@ def build_site(stats_dir, out, concepts: Concepts | None = None, contexts: int =
             body = (f"<p><a href=\"index.html\">index</a></p><h1>{escape(title)}</h1>"
                     f"<p><span id=\"shown\">{len(rows)}</span> of {len(rows)} {unit}s shown. Click a column header to "
                     f"sort; filter a column by text (<code>music</code>) or a comparison (<code>&gt;0.5</code>, "
-                    f"<code>&lt;=4</code>, <code>1..2</code>), also from the address: "
-                    f"<code>layer{l}.html?topic=music&amp;frequency=&gt;0.01</code>.</p>"
+                    f"<code>&lt;=4</code>, <code>1..2</code>); both also from the address: "
+                    f"<code>layer{l}.html?topic=music&amp;frequency=&gt;0.01&amp;sort=-top_mean</code>.</p>"
                     + _table(rows, columns, lambda r: f"neurons/{r['layer']}_{r['index']}.html", filters=True))
             (tmp / f"layer{l}.html").write_text(_page(title, body))
             layer_rows.append(view.row | {"index": l, "neuron": f"layer {l}"})

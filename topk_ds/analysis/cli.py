@@ -236,6 +236,8 @@ def _entropy(a):
         raise UserError(f"--names gives {len(a.names)} names for {len(a.stats)} statistics directories")
     check_settings(a)
     if a.compare:
+        if Path(a.compare).suffix.lower() != ".png":
+            raise UserError(f"--compare {a.compare}: the figure is written as a PNG; name it FILE.png")
         check_output(a.compare, "analyze entropy --compare", kind="file")
     models = []
     for j, path in enumerate(a.stats):
@@ -449,9 +451,11 @@ def _run_of(path) -> Path | None:
 
 def _compare(a):
     from ..convert.hf_export import load
+    from ..devices import resolve
     from ..io import atomic_output, check_replaceable, write_json
     from ..sae import Latents
     from ..sae.library import read_record
+    from ..sae.train import check_precision
     from .compare import Comparison, Contender, Settings, markdown
     from .concepts import Concepts
     from .data import check_data
@@ -464,13 +468,15 @@ def _compare(a):
         raise UserError(f"{out} already holds a comparison; pass --force to replace it")
     if a.checkpoints < 2:
         raise UserError(f"--checkpoints {a.checkpoints} must be >= 2: stability compares earlier checkpoints with the last")
+    device, dtype = resolve(a.device, a.dtype)
+    check_precision(device, dtype)  # SAEs are trained anew for stability and seeds
     check_data(a.data)
     concepts = Concepts.load(a.concepts) if a.concepts else Concepts.beside(a.data)
     if concepts is None:
         raise UserError(f"no concepts.json beside {a.data}: pass --concepts (the planted topics the units are scored on)")
     records = [read_record(d) for d in a.sae]  # every SAE directory checked before a model loads
-    topk, tokenizer = load(a.topk)
-    dense, _ = load(a.dense)
+    topk, tokenizer = load(a.topk, device=device, dtype=dtype)
+    dense, _ = load(a.dense, device=device, dtype=dtype)
     if tokenizer is None:
         raise UserError(f"{a.topk} has no tokenizer: steering needs one")
     if topk.config.vocab_size != dense.config.vocab_size:
@@ -623,6 +629,7 @@ def add_commands(commands) -> None:
     p.add_argument("--max-new-tokens", type=positive, default=48, help="tokens per steering sample (default 48)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every contender (default 0)")
     p.add_argument("--force", action="store_true", help="replace a comparison already in --out")
+    device_args(p)
     p.set_defaults(run=_compare)
 
     p = commands.add_parser("steer", help="generate with one neuron's pre-activation offset (concept steering)",

@@ -240,7 +240,7 @@ class Comparison:
         per_checkpoint = []
         for step, tag in found[:-1]:
             _say(f"{c.name}: checkpoint step {step}")
-            model, _ = load(c.run, tag=tag.name)
+            model, _ = load(c.run, tag=tag.name, device=c.units.model.device, dtype=c.units.model.dtype)
             earlier = c.units.retrain(model, self.tokenizer, self.out / "saes" / f"{_slug(c.name)}-step{step}")
             earlier_rows, _ = self.reader.rows(self.reader.stats(earlier, self.progress))
             stable, concept, cosines, concept_cosines = 0, 0, [], []
@@ -296,8 +296,8 @@ class Comparison:
         cfg = model.model.cfg
         seq_len = self.s.seq_len or min(cfg.max_seq_len, 1024)
         split = "val" if _has_val(self.s.data) else self.s.split
-        batches = list(token_batches(self.s.data, self.tokenizer, cfg.vocab_size, seq_len, self.s.val_tokens,
-                                     max(1, 8192 // seq_len), split))
+        batches = [b.to(model.device) for b in token_batches(self.s.data, self.tokenizer, cfg.vocab_size, seq_len,
+                                                             self.s.val_tokens, max(1, 8192 // seq_len), split)]
 
         def loss() -> float:
             total, n = 0.0, 0

@@ -71,6 +71,25 @@ def entropy_over_training(trace: dict, out) -> Path:
     return _save(fig, out)
 
 
+def retention(models: list[dict], out) -> Path:
+    """Long-context retention (topk-ds eval --suite long): recall of planted facts by token distance and
+    perplexity by position, models overlaid. models: [{name, distance: [{bucket, accuracy}], position: [{bucket, perplexity}]}]."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for m in models:
+        for ax, key, value, scale in ((axes[0], "distance", "accuracy", 100), (axes[1], "position", "perplexity", 1)):
+            ys = [np.nan if b[value] is None else scale * b[value] for b in m[key]]
+            ax.plot(range(len(ys)), ys, marker="o", label=m["name"])
+    for ax, key, ylabel, title in ((axes[0], "distance", "recalled (%)", "recall of planted facts by distance"),
+                                   (axes[1], "position", "perplexity", "perplexity by position")):
+        buckets = [b["bucket"] for b in models[0][key]]
+        ax.set_xticks(range(len(buckets)), buckets, rotation=30)
+        ax.set(xlabel=f"{key} (tokens)", ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(-2, 102)
+    axes[0].legend()
+    return _save(fig, out)
+
+
 def contenders(result: dict, out) -> Path:
     """`analyze compare`: the [0, 1] measures side by side (left), the entropies with their spread (right)."""
     cs = result["contenders"]

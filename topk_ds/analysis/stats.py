@@ -235,12 +235,13 @@ def pieces_of(tokenizer, vocab: int) -> list[str]:
 
 
 def collect(units, tokenizer, batches, max_tokens: int, layers=None, top: int = TOP, before: int = BEFORE,
-            after: int = AFTER, progress: bool = True) -> "Stats":
+            after: int = AFTER, progress: bool = True, logit_effect: bool = True) -> "Stats":
     """One pass over `batches` of (B, T) token ids, reading `units` (analysis.units: the model's neurons or
     an SAE's latents) at `layers` (default: every layer that has units); entropies not yet computed.
     Accumulated on the model's device, returned on the CPU. In a process group (torch.distributed initialised,
     as `python -m topk_ds.analysis` does under a launcher) process r runs batches r, r + G, r + 2G, ... and
-    every process returns the statistics of all the batches."""
+    every process returns the statistics of all the batches. `logit_effect=False` leaves out the units' direct
+    logit effects (a fixed cost of V x width x width per layer, which tracing does not need)."""
     model = units.model
     layers = units.check_layers(layers)
     device = model.model.tok_embeddings.weight.device
@@ -276,7 +277,8 @@ def collect(units, tokenizer, batches, max_tokens: int, layers=None, top: int = 
         seen = int(total.item())
         for ls in stats.values():
             ls.merge_ranks()
-    direct_logit_effect(units, stats)
+    if logit_effect:
+        direct_logit_effect(units, stats)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "units": units.name, "description": units.description,
             "fingerprint": units.fingerprint(),
             "tokens": seen, "seq_len": T, "vocab_size": V, "dim": D, "n_layers": model.model.cfg.n_layers,

@@ -22,8 +22,13 @@ def sampling(greedy: bool = False) -> dict:
 
 def generate(model, tokenizer, prompt: str, samples: int, seed: int, max_new_tokens: int,
              greedy: bool = False) -> torch.Tensor:
-    """(samples, new tokens) ids of `samples` continuations of `prompt` (one batch; ended ones padded with EOS)."""
+    """(samples, new tokens) ids of `samples` continuations of `prompt` (one batch; ended ones padded with EOS),
+    within the model's context: RoPE has no table, so the model would run past it without a word."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+    context = model.config.max_seq_len
+    if ids.shape[1] + max_new_tokens > context:
+        raise UserError(f"--max-new-tokens {max_new_tokens} after a prompt of {ids.shape[1]} tokens exceeds the model's "
+                        f"context (max_seq_len {context}); choose --max-new-tokens <= {max(context - ids.shape[1], 0)}")
     torch.manual_seed(seed)
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), num_return_sequences=samples,

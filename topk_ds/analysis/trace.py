@@ -135,7 +135,8 @@ def trace_entropy(run_dir, data=None, tokens: int = TRACE_TOKENS, seq_len=None, 
     windows = _Batches(data, seq_len, tokens, batch)
 
     def measure(model, tokenizer):
-        stats = collect(units_of(model), tokenizer, windows.get(model, tokenizer), tokens, top=0, progress=False)
+        stats = collect(units_of(model), tokenizer, windows.get(model, tokenizer), tokens, top=0, progress=False,
+                        logit_effect=False)
         compute_entropy(stats, progress=False)
         return [(row["layer"], row["kind"], _spread(stats.layers[row["layer"]].token_entropy),
                  _spread(stats.layers[row["layer"]].semantic_entropy)) for row in stats.meta["layers"]]

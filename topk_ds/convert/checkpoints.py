@@ -2,8 +2,6 @@
 directory, one DeepSpeed tag (ZeRO-0...3), a converted Hugging Face directory, or a single
 torch/safetensors state dict. ZeRO shards are consolidated by DeepSpeed's own zero_to_fp32."""
 
-import contextlib
-import io
 import json
 import sys
 from dataclasses import dataclass
@@ -14,7 +12,7 @@ import torch
 from ..config import Config, load_config
 from ..errors import UserError
 from ..model.topk import alpha as alpha_at
-from ..train.checkpoint import latest_complete, problem, tags_by_step
+from ..train.checkpoint import latest_complete, problem, saved_weights, tags_by_step
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
@@ -104,15 +102,8 @@ def read_weights(source: Source) -> dict:
         except Exception as e:  # any unreadable file: truncated, not a state dict, ...
             raise UserError(f"cannot read state dict {source.path}: {str(e).splitlines()[0]}") from None
         state = state.get("module", state)
-    elif list(source.path.glob("*zero_pp_rank_*_optim_states.pt")):  # ZeRO-1/2/3 shards
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints four lines of progress per checkpoint
-            state = get_fp32_state_dict_from_zero_checkpoint(str(source.path.parent), tag=source.path.name,
-                                                             lazy_mode=True)
-    else:  # ZeRO-0: the module's weights are in the model-states file
-        state = torch.load(source.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False,
-                           mmap=True)["module"]
+    else:
+        state = saved_weights(source.path)
     return {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
 
 

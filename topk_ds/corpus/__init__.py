@@ -21,18 +21,23 @@ def doc_rng(seed: int, index: int, stream: str = "train") -> random.Random:
 def write_synthetic_corpus(out: Path, docs: int = DEFAULT_DOCS, seed: int = 0, progress: bool = True) -> Path:
     """Write the new directory `out`: corpus.jsonl (text, topics) and concepts.json, in one rename.
     Same seed, same bytes."""
+    return write_corpus(out, docs, seed, lambda i: document(doc_rng(seed, i)), "synthetic corpus", progress)
+
+
+def write_corpus(out: Path, docs: int, seed: int, make, desc: str, progress: bool = True, **meta) -> Path:
+    """The new directory `out` in one rename: corpus.jsonl with make(i) for every document i, and
+    concepts.json (the planted topics, and `meta`)."""
     if docs < 1:
         raise UserError(f"--docs must be >= 1, got {docs}")
     out = check_new_dir(out, "corpus synth")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(out) as tmp:
         tmp.mkdir()
-        with open(tmp / "corpus.jsonl", "w") as f, \
-                progress_of(range(docs), desc="synthetic corpus", unit="doc", enabled=progress) as bar:
+        with open(tmp / "corpus.jsonl", "w") as f, progress_of(range(docs), desc=desc, unit="doc", enabled=progress) as bar:
             for i in bar:
-                f.write(json.dumps(document(doc_rng(seed, i))) + "\n")
+                f.write(json.dumps(make(i)) + "\n")
         write_json(tmp / "concepts.json", {"topics": concept_words(), "function_words": function_words(),
-                                           "seed": seed, "docs": docs})
+                                           "seed": seed, "docs": docs, **meta})
     return out / "corpus.jsonl"
 
 

@@ -14,6 +14,9 @@ class ModelConfig:
     vocab_size: int | None = None  # None: taken from the prepared data's manifest
     max_seq_len: int = 1024  # longest sequence the model is meant for (RoPE has no table)
     rope_theta: float = 10000.0  # RoPE base
+    # RoPE context extension, as transformers' `rope_parameters` without rope_theta, e.g. {rope_type: yarn,
+    # factor: 8, original_max_position_embeddings: 1024}; types and keys in ROPE_SCALING. None: plain RoPE
+    rope_scaling: dict | None = None
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # share the input embedding with the LM head
     init_std: float = 0.02  # std of input projections; output projections get std / sqrt(2L)
@@ -42,6 +45,44 @@ class ModelConfig:
         matmul = L * (D * (self.n_heads + 2 * self.kv_heads) * self.head_dim + self.n_heads * self.head_dim * D + 3 * D * F) + V * D
         forward = 2 * matmul + 4 * L * seq_len * self.n_heads * self.head_dim
         return 3.0 * forward if training else float(forward)
+
+
+# RoPE scaling types the model implements, with the keys transformers' rope utils read for each (required,
+# optional). The exported config.json carries them as `rope_parameters`, so transformers computes the same RoPE.
+ROPE_SCALING = {
+    "linear": ({"factor"}, set()),
+    "llama3": ({"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}, set()),
+    "yarn": ({"factor", "original_max_position_embeddings"},
+             {"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"}),
+}
+
+
+def rope_scaling_problem(scaling: dict | None) -> str | None:
+    """What is wrong with a rope_scaling dict (None if it is fine, or None itself)."""
+    if scaling is None:
+        return None
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALING:
+        return (f"rope_type={kind!r} is not supported; choose one of {', '.join(ROPE_SCALING)} (the scaling types "
+                "this model and transformers compute alike, so the exported model gives the same logits)")
+    required, optional = ROPE_SCALING[kind]
+    missing, unknown = required - set(scaling), set(scaling) - required - optional - {"rope_type"}
+    if missing or unknown:
+        return (f"rope_type={kind} needs {', '.join(sorted(required))}"
+                + (f" and takes {', '.join(sorted(optional))}" if optional else "")
+                + (f"; missing {', '.join(sorted(missing))}" if missing else "")
+                + (f"; unknown {', '.join(sorted(unknown))}" if unknown else ""))
+    for key, value in scaling.items():
+        if key in ("rope_type", "truncate"):
+            if key == "truncate" and not isinstance(value, bool):
+                return f"truncate={value!r} must be true or false"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            return f"{key}={value!r} must be a number > 0"
+    if scaling["factor"] < 1:
+        return f"factor={scaling['factor']} must be >= 1 (it stretches the context)"
+    if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        return "high_freq_factor must be greater than low_freq_factor"
+    return None
 
 
 @dataclass

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .args import ModelConfig, TopKConfig
+from .args import ModelConfig, TopKConfig, rope_scaling_problem
 from .llama import Transformer
 from .topk import TopK
 
@@ -22,10 +22,12 @@ from .topk import TopK
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 M, K = ModelConfig, TopKConfig  # field defaults come from the dataclasses: one source of truth
+_RENAMED = ("tie_embeddings", "rope_theta", "rope_scaling")  # ModelConfig fields stored under transformers' names
 
 
 class TopKLlamaConfig(PreTrainedConfig):
-    """ModelConfig's fields by name (tie_embeddings as HF's tie_word_embeddings), TopKConfig's with a
+    """ModelConfig's fields by name (tie_embeddings as HF's tie_word_embeddings; rope_theta and rope_scaling
+    as transformers' `rope_parameters`, which Llama configs and every RoPE tool read), TopKConfig's with a
     `topk_` prefix, the alpha the weights were trained at, and the optimizer step they come from."""
 
     model_type = "topk_llama"
@@ -41,7 +43,7 @@ class TopKLlamaConfig(PreTrainedConfig):
     ffn_dim: int = M.ffn_dim
     vocab_size: int = 32000
     max_seq_len: int = M.max_seq_len
-    rope_theta: float = M.rope_theta
+    rope_parameters: dict | None = None  # {"rope_type": "default" | a ROPE_SCALING type, "rope_theta": ..., ...}
     norm_eps: float = M.norm_eps
     init_std: float = M.init_std
     tie_word_embeddings: bool = M.tie_embeddings
@@ -60,13 +62,21 @@ class TopKLlamaConfig(PreTrainedConfig):
 
     @classmethod
     def from_args(cls, model: ModelConfig, topk: TopKConfig, **extra) -> "TopKLlamaConfig":
-        values = {f.name: getattr(model, f.name) for f in fields(model) if f.name != "tie_embeddings"}
+        if problem := rope_scaling_problem(model.rope_scaling):
+            raise ValueError(f"cannot export model.rope_scaling: {problem}")
+        values = {f.name: getattr(model, f.name) for f in fields(model) if f.name not in _RENAMED}
         values |= {f"topk_{f.name}": getattr(topk, f.name) for f in fields(topk)}
-        return cls(tie_word_embeddings=model.tie_embeddings, **values, **extra)
+        rope = {"rope_type": "default", "rope_theta": model.rope_theta} | (model.rope_scaling or {})
+        return cls(tie_word_embeddings=model.tie_embeddings, rope_parameters=rope, **values, **extra)
 
     def to_args(self) -> tuple[ModelConfig, TopKConfig]:
-        model = ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig) if f.name != "tie_embeddings"},
-                            tie_embeddings=self.tie_word_embeddings)
+        rope = dict(self.rope_parameters)
+        theta = rope.pop("rope_theta")
+        if rope["rope_type"] != "default" and (problem := rope_scaling_problem(rope)):
+            raise ValueError(f"rope_parameters of this TopK LM: {problem}")
+        model = ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig) if f.name not in _RENAMED},
+                            tie_embeddings=self.tie_word_embeddings, rope_theta=theta,
+                            rope_scaling=None if rope["rope_type"] == "default" else rope)
         return model, TopKConfig(**{f.name: getattr(self, f"topk_{f.name}") for f in fields(TopKConfig)})
 
 

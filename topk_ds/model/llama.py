@@ -30,19 +30,71 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (T, head_dim) for the given positions, in fp32; the half-split (rotate_half) layout."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim / 2,) and the factor on cos and sin. `scaling` (ModelConfig.rope_scaling)
+    extends the context as transformers' rope utils do, with the same names and numbers: linear (position
+    interpolation), llama3 (Llama 3.1: interpolate the low frequencies only, a smooth band between) and yarn
+    (a ramp from extrapolated to interpolated frequencies, and an attention temperature on cos and sin)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
     inv_freq = 1.0 / (theta**exponents)
+    kind = scaling["rope_type"] if scaling else "default"
+    if kind == "default":
+        return inv_freq, 1.0
+    factor = scaling["factor"]
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    original = scaling["original_max_position_embeddings"]  # the context the model was trained at
+    if kind == "llama3":
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < original / high) * ~(wavelen > original / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations):  # the dimension whose wavelength makes `rotations` turns over `original`
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    high = high + 0.001 if high == low else high
+    extrapolated = 1 - ((torch.arange(head_dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolated) + (1.0 / pos_freqs) * extrapolated
+    return inv_freq, attention_factor
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, head_dim) for the given positions, in fp32; the half-split (rotate_half) layout."""
+    inv_freq, attention_factor = rope_frequencies(head_dim, theta, scaling, positions.device)
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim / 2)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos() * attention_factor, emb.sin() * attention_factor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention over a whole sequence: q (B, H, T, head_dim), k and v (B, KV, T, head_dim) with KV
+    dividing H (GQA) -> (B, H, T, head_dim). The model's default `attend`; a sequence-parallel trainer swaps
+    in one with the same contract whose T is the rank's slice of a longer sequence (Transformer.set_attention)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class Attention(nn.Module):
@@ -52,6 +104,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.attend = causal_attention  # (q, k, v) -> out, all (B, heads, T, head_dim); see Transformer.set_attention
 
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
@@ -61,18 +114,22 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # a Hugging Face Cache: returns keys/values of all positions so far
-            k, v = cache.update(k, v, self.layer_id)
-        S = k.shape[2]
+        out = self.attend(q, k, v) if cache is None else self._cached(q, k, v, cache)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _cached(self, q, k, v, cache):
+        """Generation: a Hugging Face Cache returns the keys/values of all positions so far."""
+        k, v = cache.update(k, v, self.layer_id)
+        T, S = q.shape[2], k.shape[2]
         gqa = self.n_kv_heads != self.n_heads
         if S == T:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif T == 1:
             out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:  # several new tokens after a cached prefix: causal with an offset
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        return out
 
 
 class FeedForward(nn.Module):
@@ -124,12 +181,15 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.init_weights()
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None):
-        """tokens (B, T) -> logits (B, T, V); with targets, the mean cross-entropy instead."""
-        start = cache.get_seq_length() if cache is not None else 0
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None, start: int = 0):
+        """tokens (B, T) -> logits (B, T, V); with targets, the mean cross-entropy instead. `start` is the
+        position of tokens[:, 0] (a sequence-parallel rank runs the slice of the sequence that begins there);
+        with a cache, the cached length."""
+        start = cache.get_seq_length() if cache is not None else start
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         h = self.tok_embeddings(tokens)
-        cos, sin = (t.to(h.dtype) for t in rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta))
+        cos, sin = (t.to(h.dtype) for t in rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta,
+                                                        self.cfg.rope_scaling))
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 h = checkpoint(layer, h, cos, sin, use_reentrant=False)
@@ -139,6 +199,12 @@ class Transformer(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def set_attention(self, attend) -> None:
+        """Run every layer's attention core with `attend(q, k, v)` (the contract of `causal_attention`), e.g.
+        one that spreads a sequence over ranks; the model itself never communicates."""
+        for layer in self.layers:
+            layer.attention.attend = attend
 
     def compile_blocks(self, **options) -> None:
         """torch.compile each block in place (parameter names unchanged); hooks on the model and the

@@ -32,9 +32,11 @@ def _selection_keys(x: torch.Tensor) -> torch.Tensor:
     itype, inf = _INF_BITS[x.dtype]
     index_bits = max(1, (D - 1).bit_length())
     ktype = torch.int32 if 8 * x.element_size() + index_bits <= 32 else torch.int64
-    magnitude = (x.view(itype) & torch.iinfo(itype).max).clamp_(max=inf + 1)
-    value = torch.where(x < 0, -magnitude, magnitude).to(ktype)
-    return value * (1 << index_bits) + torch.arange(D - 1, -1, -1, device=x.device, dtype=ktype)
+    # in place on one integer tensor: each fresh full-size tensor would cost a pass and page faults
+    key = x.view(itype).to(ktype)
+    key.bitwise_and_(torch.iinfo(itype).max).clamp_(max=inf + 1)  # magnitude; every NaN one above +inf
+    key.addcmul_(key, (x < 0).view(torch.int8), value=-2)  # negated for negative values (not -0.0, not NaN)
+    return key.mul_(1 << index_bits).add_(torch.arange(D - 1, -1, -1, device=x.device, dtype=ktype))
 
 
 def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,15 +28,13 @@ def layer_list(text: str) -> list[int]:
 
 
 def _train(a):
-    import torch
-
     from ..analysis.data import check_data
     from ..convert.hf_export import load
     from ..devices import resolve
     from ..errors import UserError
     from ..io import check_replaceable
     from .library import RECORD
-    from .train import train_sae
+    from .train import check_precision, train_sae
 
     out = Path(a.out)
     check_replaceable(out, RECORD, "sae train")
@@ -44,9 +42,7 @@ def _train(a):
         raise UserError(f"{out} already holds an SAE; pass --force to replace it")
     check_data(a.data)  # before the model is loaded: a wrong path fails at once
     device, dtype = resolve(a.device, a.dtype)
-    if device.type == "cpu" and dtype != torch.float32:
-        raise UserError("sae train runs the model in fp32 on the CPU (sparsify mixes precisions only under CUDA "
-                        "autocast); drop --dtype bf16")
+    check_precision(device, dtype)
     model, tokenizer = load(a.model, tag=a.tag, device=device, dtype=dtype)
     layers = sorted({l for group in a.layers for l in group}) if a.layers else None
     r = train_sae(model, tokenizer, a.data, out, layers=layers, k=a.k, expansion=a.expansion, tokens=a.tokens,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import cost_line
 from ..errors import UserError
 from ..io import atomic_output, write_json
 from ..progress import progress
@@ -94,6 +95,9 @@ def train(model, windows: torch.Tensor, layers: list[int], out: Path, *, k: int,
                         enabled=show_progress and not disable)
 
     lm_flops, sae_flops = flops_per_token(model, len(layers), D * expansion, k, windows.shape[1])
+    if show_progress:
+        print(cost_line("sae train", windows.numel(), lm_flops + sae_flops, model.device, model.dtype), file=sys.stderr,
+              flush=True)
     cache, precision = model.config.use_cache, torch.get_float32_matmul_precision()
     with atomic_output(out) as tmp:
         config.save_dir, config.run_name = str(tmp.parent), tmp.name

@@ -32,6 +32,13 @@ def check_settings(model, layers, k: int | None, expansion: int) -> tuple[list[i
     return layers, k
 
 
+def check_precision(device: torch.device, dtype: torch.dtype) -> None:
+    """SAEs train on the CPU in fp32 only: sparsify mixes precisions only under CUDA autocast."""
+    if device.type == "cpu" and dtype != torch.float32:
+        raise UserError("SAEs are trained with the model in fp32 on the CPU (sparsify mixes precisions only under "
+                        "CUDA autocast); drop --dtype bf16")
+
+
 def windows_of(model, tokenizer, data, tokens: int, seq_len: int, split: str) -> torch.Tensor:
     """(N, seq_len) int32: the first `tokens` tokens of the data in windows, as the statistics read them."""
     t = model.model

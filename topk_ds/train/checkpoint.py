@@ -10,7 +10,9 @@ a checkpoint. TOPK_DS_SKIP_CHECKSUMS=1 skips computing and checking the sums (si
 checked), for checkpoints too large to read twice.
 """
 
+import contextlib
 import functools
+import io
 import json
 import os
 import re
@@ -19,6 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import torch
 
 from ..config import Config, load_config, resume_changes
 from ..errors import UserError
@@ -222,6 +226,35 @@ def recorded_state(checkpoint: Path) -> TrainState | None:
     checkpoint: it is read when loaded)."""
     marker = read_marker(checkpoint)
     return TrainState.saved(marker["train_state"]) if marker and "train_state" in marker else None
+
+
+def saved_weights(tag_dir: Path) -> dict:
+    """The model weights of one tag directory, with DeepSpeed's keys, lazily: every value has `.shape`, and
+    `.contiguous()` makes it a tensor. ZeRO-1/2/3 shards are consolidated by DeepSpeed's zero_to_fp32 one
+    tensor at a time (fp32); ZeRO-0's model-states file is memory-mapped."""
+    if list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints four lines of progress per checkpoint
+            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True)
+    return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False, mmap=True)["module"]
+
+
+def warm_start_tag(path: str) -> Path:
+    """train.init_from -> a complete tag directory: the newest complete checkpoint of a run directory (or of
+    its checkpoints/), or the global_stepN directory given."""
+    given = Path(path)
+    for ckpt_dir in (given / "checkpoints", given):
+        if tags_by_step(ckpt_dir):
+            if (found := latest_complete(ckpt_dir, log=lambda m: None)) is None:
+                raise UserError(f"train.init_from={path}: no complete checkpoint in {ckpt_dir}")
+            return found
+    if not (_TAG.match(given.name) and given.is_dir()):
+        raise UserError(f"train.init_from={path}: expected a run directory, its checkpoints/ or a global_stepN "
+                        "checkpoint directory")
+    if (reason := problem(given)) is not None:
+        raise UserError(f"train.init_from={path}: the checkpoint is not usable: {reason}")
+    return given
 
 
 def is_universal(path: Path) -> bool:

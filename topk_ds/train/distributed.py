@@ -60,6 +60,17 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def data_parallel(sequence_parallel: int) -> tuple[int, int]:
+    """(this rank's data-parallel index, data-parallel ranks), from the launcher's variables (discover_ranks),
+    so a bad degree is refused before any process group exists. The N ranks of a sequence-parallel group are
+    consecutive, as DeepSpeed groups them, and share one index, so the sampler hands them the same sequences."""
+    world, rank_ = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world % sequence_parallel:
+        raise UserError(f"train.sequence_parallel={sequence_parallel} does not divide the {world} ranks; launch a "
+                        f"multiple of {sequence_parallel} ranks or choose a divisor of {world}")
+    return rank_ // sequence_parallel, world // sequence_parallel
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -6,10 +6,12 @@ optimizer, LR schedule, clipping, precision and monitors come from our config an
 here; a JSON that sets one of them differently is an error, so there is one source of truth.
 """
 
+import contextlib
 import difflib
 import json
 import math
 import os
+import types
 from collections.abc import KeysView
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from pydantic import ValidationError
 from ..config import Config
 from ..errors import UserError
 from ..model import Transformer
+from ..model.llama import causal_attention
 from ..model.topk import alpha as alpha_at
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +34,38 @@ _OURS = {"optimizer": "train.lr/betas/weight_decay", "scheduler": "train.lr/warm
 
 def init_distributed() -> None:
     deepspeed.init_distributed(dist_init_required=None)
+
+
+def sequence_parallel_state(n: int):
+    """DeepSpeed's own sequence-parallel groups (parallel_state_sp, the `mpu` of its Ulysses integration):
+    ranks [i*n, (i+1)*n) share sequences; ZeRO partitions and reduces gradients over all ranks, averaging
+    over ranks / n. That module answers tensor-parallel questions with the sequence-parallel group, so
+    DeepSpeed 0.19.8 would record "tensor-parallel degree n" in checkpoints (ds_to_universal then looks for
+    n model files) and read a universal checkpoint as n tensor slices; Ulysses shards no weight, so this
+    unit says there is no tensor parallelism."""
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+    parallel_state_sp.initialize_sequence_parallel(n)
+    unit = {name: getattr(parallel_state_sp, name) for name in dir(parallel_state_sp) if name.startswith(("get_", "init"))}
+    return types.SimpleNamespace(**unit, get_tensor_model_parallel_world_size=lambda: 1,
+                                 get_tensor_model_parallel_rank=lambda: 0)
+
+
+def ulysses_attention(group):
+    """The model's attention contract (q, k, v: (B, heads, T, head_dim), T this rank's slice) over a sequence
+    split across `group`, by DeepSpeed-Ulysses: DistributedAttention all-to-alls q, k and v from all heads of
+    T positions to heads / N of all N * T positions, runs causal attention there, and all-to-alls back."""
+    from deepspeed.sequence.layer import DistributedAttention
+
+    def local(q, k, v):  # (B, N * T, heads / N, head_dim) from DistributedAttention
+        return causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+    distributed = DistributedAttention(local, group, scatter_idx=2, gather_idx=1)
+
+    def attend(q, k, v):
+        return distributed(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), batch_dim_idx=0).transpose(1, 2)
+
+    return attend
 
 
 def device() -> torch.device:
@@ -86,8 +121,29 @@ def resolve_ds_config(cfg: Config, world_size: int, run_dir: Path | None = None,
         ds["wandb"] = {"enabled": tr.wandb != "disabled", "project": tr.wandb_project}
     if universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
+    if tr.sequence_parallel > 1 and not ds.get("zero_optimization", {}).get("stage", 0):
+        raise UserError(f"{path}: train.sequence_parallel needs ZeRO stage 1, 2 or 3 (without ZeRO, DeepSpeed 0.19.8 "
+                        "reduces the gradient norm over the sequence-parallel group)")
     validate_ds_config(ds, path)
     return ds
+
+
+def load_weights(model: Transformer, weights: dict, gather) -> None:
+    """Copy saved weights (train.init_from; lazy values, DeepSpeed's keys) into the model, one parameter at a time
+    made whole by `gather` (ZeRO-3)."""
+    weights = {k.removeprefix("module."): v for k, v in weights.items()}
+    params = dict(model.named_parameters())  # a tied head is the embedding: one parameter
+    missing, unexpected = set(params) - set(weights), set(weights) - set(model.state_dict())
+    if missing or unexpected:
+        raise UserError(f"train.init_from: the weights do not fit this model: missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]}")
+    for name, param in params.items():
+        with gather([param]), torch.no_grad():
+            value = weights[name].contiguous()
+            if value.shape != param.shape:
+                raise UserError(f"train.init_from: {name} has shape {tuple(value.shape)} there and "
+                                f"{tuple(param.shape)} in this model; keep the model's shape to continue it")
+            param.copy_(value)
 
 
 def fused_adam_prebuilt() -> bool:
@@ -236,25 +292,32 @@ class AnnealingHook:
 
 
 class Engine:
-    def __init__(self, cfg: Config, run_dir: Path | None = None, universal: bool = False):
+    def __init__(self, cfg: Config, run_dir: Path | None = None, universal: bool = False, weights: dict | None = None):
         from torch import distributed as dist
 
         self.cfg = cfg
-        world = dist.get_world_size()
-        self.ds_config = resolve_ds_config(cfg, world, run_dir, universal)
+        self.sp = cfg.train.sequence_parallel
+        self.ds_config = resolve_ds_config(cfg, dist.get_world_size() // self.sp, run_dir, universal)
         check_granularity(cfg, self.ds_config, cfg.train.ds_config)
+        mpu = sequence_parallel_state(self.sp) if self.sp > 1 else None
         if run_dir is not None and cfg.train.wandb != "disabled":
             os.environ["WANDB_MODE"] = cfg.train.wandb  # the config decides, whatever the shell exported
             os.environ.setdefault("WANDB_DIR", str(run_dir))
         stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         torch.manual_seed(cfg.train.seed)
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=stage == 3):
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, mpu=mpu, enabled=stage == 3):
             model = Transformer(cfg.model, cfg.topk)
+        gather = (lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)) if stage == 3 else None
         if stage == 3:  # the parameters are sharded now: make each block whole while it is initialised
-            model.init_weights(gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+            model.init_weights(gather=gather)
+        if weights is not None:  # a warm start: before the optimizer copies the parameters
+            load_weights(model, weights, gather or (lambda params: contextlib.nullcontext()))
         model.activation_checkpointing = cfg.train.activation_checkpointing
+        if mpu is not None:
+            self.sp_group, self.sp_rank = mpu.get_sequence_parallel_group(), mpu.get_sequence_parallel_rank()
+            model.set_attention(ulysses_attention(self.sp_group))
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-                                               config=self.ds_config)
+                                               config=self.ds_config, mpu=mpu)
         self.engine.lr_scheduler.step()  # from iteration -1 (lr 0) to 0: the first step's lr (resolve_ds_config)
         if cfg.train.compile:
             model.compile_blocks()
@@ -267,13 +330,31 @@ class Engine:
     def step(self) -> int:
         return self.engine.global_steps
 
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the mean next-token loss of the micro-batch: all of it, or under sequence
+        parallelism the loss of its slice of the positions (RoPE at their global positions) / N, so the shares
+        of a group add up to the loss of the whole sequences, as do their gradients."""
+        batch = batch.to(self.device, non_blocking=True)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        if self.sp == 1:
+            return self.engine(inputs, targets)
+        T = inputs.shape[1] // self.sp
+        start = self.sp_rank * T
+        return self.engine(inputs[:, start:start + T], targets[:, start:start + T], start=start) / self.sp
+
+    def _whole(self, share: torch.Tensor) -> torch.Tensor:
+        """The loss of the whole sequences, from this rank's share (the same on every rank of a group)."""
+        share = share.detach().float()
+        if self.sp > 1:
+            torch.distributed.all_reduce(share, group=self.sp_group)
+        return share
+
     def micro_step(self, batch: torch.Tensor) -> torch.Tensor:
         """Forward, backward and (at the accumulation boundary) the optimizer step of one micro-batch."""
-        batch = batch.to(self.device, non_blocking=True)
-        loss = self.engine(batch[:, :-1], batch[:, 1:])
+        loss = self._loss(batch)
         self.engine.backward(loss)
         self.engine.step()
-        return loss.detach()
+        return self._whole(loss)
 
     @property
     def lr(self) -> float:
@@ -288,7 +369,7 @@ class Engine:
     @torch.no_grad()
     def eval_loss(self, batches) -> torch.Tensor:
         self.engine.eval()
-        losses = [self.engine(b[:, :-1].to(self.device), b[:, 1:].to(self.device)).float() for b in batches]
+        losses = [self._whole(self._loss(b)) for b in batches]
         self.engine.train()
         return torch.stack(losses).mean()
 

@@ -11,8 +11,9 @@ from ..config import Config, save_config
 from ..data.dataset import GlobalSampler, TokenWindows
 from ..errors import UserError
 from ..io import write_json
-from .checkpoint import Checkpointer, TrainState, check_same_run, is_universal, recorded_state
-from .distributed import Preemption, any_rank, mean_over_ranks, rank, shutdown, together, world_size
+from .checkpoint import (Checkpointer, TrainState, check_same_run, is_universal, recorded_state, saved_weights,
+                         warm_start_tag)
+from .distributed import Preemption, any_rank, data_parallel, mean_over_ranks, rank, shutdown, together, world_size
 from .engine import Engine, init_distributed
 from .monitor import Monitor, peak_flops, truncate_metrics
 from .prefetch import Prefetcher
@@ -37,50 +38,56 @@ def open_data(cfg: Config) -> tuple[TokenWindows, TokenWindows | None]:
 def validation_batches(val: TokenWindows, cfg: Config) -> list[torch.Tensor]:
     """The same windows at every validation; each rank takes an equal, disjoint share (ZeRO-3 needs
     every rank to run the same number of forwards)."""
-    micro, world = cfg.train.micro_batch, world_size()
+    micro, (dp_rank, world) = cfg.train.micro_batch, data_parallel(cfg.train.sequence_parallel)
     per_rank = min(cfg.train.eval_batches, len(val) // (micro * world))
     if per_rank == 0:
         raise UserError(f"the validation split has {len(val)} windows, fewer than {micro * world} "
                         f"(micro_batch x ranks); prepare more --val-tokens or set train.eval_every=0")
-    return [val.batch(range((b * world + rank()) * micro, (b * world + rank() + 1) * micro)) for b in range(per_rank)]
+    return [val.batch(range((b * world + dp_rank) * micro, (b * world + dp_rank + 1) * micro)) for b in range(per_rank)]
 
 
 def begin(cfg: Config, run_dir: Path, checkpointer: Checkpointer, resume: str, global_batch: int) -> tuple:
-    """Every check that may refuse the start, then the engine (with the checkpoint loaded). Nothing of the
-    run is written here, so a refused start leaves the run as it was."""
+    """Every check that may refuse the start, then the engine (with the checkpoint or the warm start's weights
+    loaded). Nothing of the run is written here, so a refused start leaves the run as it was."""
     start = checkpointer.resolve(resume)
+    warm = None
     if start is not None:
         with together():
             check_same_run(cfg, start)
             if (recorded := recorded_state(start)) is not None:
                 recorded.check_batch(global_batch)
-    engine = Engine(cfg, run_dir, universal=start is not None and is_universal(start))
+    elif cfg.train.init_from:
+        with together():
+            warm = warm_start_tag(cfg.train.init_from)
+    engine = Engine(cfg, run_dir, universal=start is not None and is_universal(start),
+                    weights=saved_weights(warm) if warm else None)
     state = TrainState(global_batch=global_batch)
     if start is not None:
         state = TrainState.saved(engine.load(start)["train_state"])
         state.check_batch(global_batch)  # a universal checkpoint holds its state only inside
-    return engine, state, start
+    return engine, state, start, warm
 
 
 def train(cfg: Config, resume: str = "none") -> Path:
+    dp = data_parallel(cfg.train.sequence_parallel)  # a bad degree is refused before any process group exists
     init_distributed()
     try:
-        return _train(cfg, resume)
+        return _train(cfg, resume, dp)
     finally:
         shutdown()
 
 
-def _train(cfg: Config, resume: str) -> Path:
-    run_dir = Path(cfg.train.out_dir)
+def _train(cfg: Config, resume: str, dp: tuple[int, int]) -> Path:
+    (dp_rank, dp_world), run_dir = dp, Path(cfg.train.out_dir)
     with together():
         data, val = open_data(cfg)
         val_batches = validation_batches(val, cfg) if val is not None else None
-    global_batch = cfg.train.micro_batch * cfg.train.grad_accum * world_size()
+    global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dp_world
     say = print if rank() == 0 else lambda message: None
     # held for the whole run: the directory's lock, and signals (one during start-up is honoured after the first step)
     with Preemption() as preemption, RunDirectory(run_dir, log=say) as claimed:
         checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.save_every, cfg.train.keep_last, log=say)
-        engine, state, start = begin(cfg, run_dir, checkpointer, resume, global_batch)
+        engine, state, start, warm = begin(cfg, run_dir, checkpointer, resume, global_batch)
         with together():
             if rank() == 0:  # the one writer of the run's own files
                 truncate_metrics(run_dir / "metrics.jsonl", state.step)
@@ -99,10 +106,13 @@ def _train(cfg: Config, resume: str) -> Path:
                           health_window=cfg.train.health_window, log_every=cfg.train.log_every,
                           is_rank0=rank() == 0)
         checkpointer.log = monitor.log
-        monitor.log(f"{'resumed from ' + str(start) if start else 'started'} at step {state.step} of {cfg.train.steps}: "
-                    f"{cfg.model.num_params():,} parameters, {world_size()} ranks, global batch {global_batch} x {cfg.data.seq_len} tokens")
+        sp = cfg.train.sequence_parallel
+        ranks = f"{world_size()} ranks" + (f" ({dp_world} data-parallel x {sp} sequence-parallel)" if sp > 1 else "")
+        how = f"resumed from {start}" if start else f"started from the weights of {warm}" if warm else "started"
+        monitor.log(f"{how} at step {state.step} of {cfg.train.steps}: {cfg.model.num_params():,} parameters, {ranks}, "
+                    f"global batch {global_batch} x {cfg.data.seq_len} tokens")
         bad_in_a_row = 0
-        next_indices = functools.partial(sampler.next_step, rank(), world_size(), cfg.train.micro_batch)
+        next_indices = functools.partial(sampler.next_step, dp_rank, dp_world, cfg.train.micro_batch)
         with Prefetcher(data.batch, next_indices, sampler.state_dict, pin_memory=engine.device.type == "cuda") as prefetch:
             while state.step < cfg.train.steps:
                 started, lr = time.perf_counter(), engine.lr
