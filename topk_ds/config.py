@@ -265,7 +265,9 @@ def save_config(cfg: Config, path: Path) -> None:
 # What a resume may change: how long the run goes on, its cadences, logging and monitoring, and the batch
 # layout (micro_batch x grad_accum x ranks must keep the global batch: the trainer checks it against the
 # checkpoint). Everything else, the model and TopK sections above all, is fixed when a run starts.
+# train.init_from only says where a run's first weights came from; compile and sequence_parallel are layout
 RESUMABLE = {"train.out_dir", "train.steps", "train.micro_batch", "train.grad_accum", "train.activation_checkpointing",
+             "train.sequence_parallel", "train.compile", "train.init_from",
              "train.save_every", "train.keep_last", "train.eval_every", "train.eval_batches", "train.log_every",
              "train.health_window", "train.max_bad_steps", "train.wandb", "train.wandb_project", "train.tensorboard",
              "train.csv"}

@@ -139,7 +139,7 @@ class Demo:
                                         "dense", "TopK", "--compare", self.out / "entropy.png"))
         best = self.best_neuron()
         layer, index = best["layer"], best["index"]
-        offsets = sorted({round(f * best["max_activation"], 1) for f in s.offset_scales} - {0.0})
+        offsets = sorted({float(f"{f * best['max_activation']:.2g}") for f in s.offset_scales} - {0.0})
         if not offsets:
             raise UserError(f"neuron {layer}:{index} fires too weakly (largest activation {best['max_activation']:.3g}) "
                             "for --offset-scales to give an offset; train longer (--steps)")
@@ -382,7 +382,8 @@ def _show(bar, metrics: Path) -> None:
     except (OSError, IndexError, ValueError):
         return
     bar.update(last["step"] - bar.n)
-    bar.set_postfix(loss=f"{last['loss']:.3f}", alpha=f"{last['alpha']:.2f}", refresh=False)
+    annealing = {"alpha": f"{last['alpha']:.2f}"} if "alpha" in last else {}  # a dense model has none
+    bar.set_postfix(loss=f"{last['loss']:.3f}", **annealing, refresh=False)
 
 
 def _demo(a) -> None:

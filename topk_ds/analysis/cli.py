@@ -236,9 +236,9 @@ def _entropy(a):
         raise UserError(f"--names gives {len(a.names)} names for {len(a.stats)} statistics directories")
     check_settings(a)
     if a.compare:
+        check_output(a.compare, "analyze entropy --compare", kind="file")
         if Path(a.compare).suffix.lower() != ".png":
             raise UserError(f"--compare {a.compare}: the figure is written as a PNG; name it FILE.png")
-        check_output(a.compare, "analyze entropy --compare", kind="file")
     models = []
     for j, path in enumerate(a.stats):
         stats = Stats.load(path)
