@@ -119,7 +119,8 @@ def train_args(data: Path, out: Path, dry: bool) -> list[str]:
             f"model.ffn_dim={r['ffn']}", f"model.max_seq_len={r['seq']}", f"data.seq_len={r['seq']}",
             f"train.micro_batch={r['micro']}", f"train.steps={r['steps']}", f"train.save_every={r['kill_at']}",
             f"train.precision={r['precision']}", "train.ds_config=ds_configs/zero3_bf16.json",
-            "train.activation_checkpointing=true", "train.eval_every=0", "train.lr=0.003", "topk.anneal_ratio=1.0"]
+            "train.activation_checkpointing=true", "train.eval_every=0", "train.lr=0.003", "topk.anneal_ratio=1.0",
+            "train.deterministic=true"]  # the resume check compares losses for equality: no atomics-order noise
     return [sys.executable, "-m", "topk_ds.cli", "train", "--config", "tiny", *[a for s in sets for a in ("--set", s)]]
 
 

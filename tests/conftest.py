@@ -182,6 +182,40 @@ def cli_main(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
+def snapshot(run: Path) -> dict:
+    """Every file of a run directory with its bytes' digest and modification time (but the lock, which
+    any start takes before it checks anything)."""
+    from topk_ds.io import sha256_file
+
+    return {str(p.relative_to(run)): (sha256_file(p), p.stat().st_mtime_ns) for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture
+def train_here(monkeypatch, capsys):
+    """`topk-ds train ARGS` in this process (rank 0 of 1), for starts that are refused before training:
+    returns (exit code, stderr lines). The process group it opens is closed afterwards."""
+    import logging
+
+    import torch.distributed as dist
+
+    from topk_ds.cli import main
+
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in launcher})
+    # DeepSpeed's log handler may still hold an earlier test's captured (closed) stdout: no report of that
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+
+    def train(*args):
+        with pytest.raises(SystemExit) as e:
+            main(["train", *map(str, args)])
+        return e.value.code, capsys.readouterr().err.strip().splitlines()
+
+    yield train
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def assert_one_error(result, *words) -> str:
     """A failed command (from cli_main or run_cli): exit != 0, no traceback, exactly one error line on stderr,
     ours, naming every word (progress lines may come before it). Returns that line."""

@@ -24,7 +24,7 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import DATA_VOCAB, assert_one_error, cli_main
+from conftest import DATA_VOCAB, RUN_STEPS, assert_one_error, cli_main, run_cli, snapshot
 
 from topk_ds.io import HOST, atomic_output
 
@@ -195,6 +195,45 @@ def test_full_disk_ends_in_one_line(name, big_corpus, data_tokenizer, state_dict
         assert_one_error(cli_main(capsys, *writer(name, big_corpus, data_tokenizer, state_dict, out)), str(out),
                          "No space left on device")
         assert not list(disk.iterdir())
+
+
+def test_a_checkpoint_save_past_the_file_size_limit_stops_with_one_line_and_keeps_the_run(tiny_run, tmp_path):
+    """A real process under RLIMIT_FSIZE (SIGXFSZ ignored, so the write fails with EFBIG) resumes the tiny run for
+    one step; its checkpoint's optimizer shard (5 MB) exceeds the limit, its model file (1.7 MB) does not. A rerun
+    without the limit resumes where the run was."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("hf"))
+    before = snapshot(run / "checkpoints")
+    data = yaml.safe_load((run / "config.yaml").read_text())["data"]["path"]
+    args = [sys.executable, "-m", "topk_ds.cli", "train", "--config", "tiny", "--set", f"data.path={data}", "--set",
+            f"train.out_dir={run}", "--set", f"train.steps={RUN_STEPS + 1}", "--set", "train.eval_every=100",
+            "--resume", "auto"]
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, preexec_fn=limited)
+    tag = run / f"checkpoints/global_step{RUN_STEPS + 1}"
+    assert_one_error(proc, f"saving the checkpoint of step {RUN_STEPS + 1} failed", "File too large", str(tag))
+    assert not tag.exists() and snapshot(run / "checkpoints") == before  # the earlier checkpoints untouched
+    resumed = run_cli(*args[3:])
+    assert f"resumed from {run}/checkpoints/global_step{RUN_STEPS}" in resumed.stdout
+    assert (tag / "complete.json").is_file()
+
+
+def test_train_refuses_an_out_dir_it_cannot_use_and_writes_nothing(prepared_data, tmp_path, train_here):
+    common = ["--config", "tiny", "--set", f"data.path={prepared_data}", "--set", "train.eval_every=0"]
+    taken = tmp_path / "taken"
+    taken.write_text("a file of the user's")
+    code, err = train_here(*common, "--set", f"train.out_dir={taken}")
+    assert code == 2 and len(err) == 1 and f"{taken} is a file" in err[0], err
+    assert taken.read_text() == "a file of the user's"
+    with unwritable(tmp_path / "locked") as locked:
+        code, err = train_here(*common, "--set", f"train.out_dir={locked / 'run'}")
+        assert code == 2 and len(err) == 1 and f"cannot write {locked / 'run'}" in err[0] and "not writable" in err[0], err
+        assert not list(locked.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locked", "taken"]
 
 
 # --- signals and what killed runs leave ------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_converts_with_parity, run_cli
+from conftest import assert_converts_with_parity, run_cli, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -77,6 +77,21 @@ def test_two_ranks_zero3_bf16_then_universal_resume_on_one_rank(two_rank_run, sy
         assert a["alpha"] == b["alpha"] and a["tokens"] == b["tokens"]
         assert abs(a["loss"] - b["loss"]) < 0.02
     assert abs(two[8]["loss"] - one[8]["loss"]) < 2e-3
+
+
+def test_a_zero_checkpoint_resumed_on_another_number_of_ranks_points_to_the_conversion(two_rank_run, synthetic_data,
+                                                                                         tmp_path, train_here):
+    """In this process, one rank (the global batch kept by grad_accum 2): one line naming both rank counts and
+    DeepSpeed's universal conversion, and the run untouched."""
+    run = tmp_path / "run"
+    shutil.copytree(two_rank_run, run)
+    before = snapshot(run)
+    code, err = train_here("--config", "tiny", *SETTINGS, "--set", f"data.path={synthetic_data[1]}", "--set",
+                           f"train.out_dir={run}", "--set", "train.grad_accum=2", "--resume", "auto")
+    assert code == 2 and len(err) == 1, err
+    assert (f"the checkpoint {run}/checkpoints/global_step16 was written by 2 data-parallel ranks and this run has 1"
+            in err[0] and "python -m deepspeed.checkpoint.ds_to_universal --input_folder" in err[0]), err
+    assert snapshot(run) == before
 
 
 def test_two_nodes_preempted_then_resumed_through_slurm_per_node_equal_one_node(two_rank_run, synthetic_data,

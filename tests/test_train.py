@@ -1,7 +1,6 @@
 """The DeepSpeed training system on CPU: real runs of the tiny model through the real launchers."""
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RUN_SAVE_EVERY, RUN_STEPS, run_cli, train_tiny
+from conftest import RUN_SAVE_EVERY, RUN_STEPS, run_cli, snapshot, train_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -224,38 +223,6 @@ def test_annealing_hook_follows_the_engine_step():
         assert len(alphas) == 1  # every TopK layer shares the step's alpha
         seen.append(alphas.pop())
     assert seen == pytest.approx([1.0, 0.75, 0.5, 0.05, 0.0, 0.0])
-
-
-def snapshot(run: Path) -> dict:
-    """Every file of a run directory with its bytes' digest and modification time (but the lock, which
-    any start takes before it checks anything)."""
-    from topk_ds.io import sha256_file
-
-    return {str(p.relative_to(run)): (sha256_file(p), p.stat().st_mtime_ns) for p in sorted(run.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
-
-
-@pytest.fixture
-def train_here(monkeypatch, capsys):
-    """`topk-ds train ARGS` in this process (rank 0 of 1), for starts that are refused before training:
-    returns (exit code, stderr lines). The process group it opens is closed afterwards."""
-    import torch.distributed as dist
-
-    from topk_ds.cli import main
-
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in launcher})
-    # DeepSpeed's log handler may still hold an earlier test's captured (closed) stdout: no report of that
-    monkeypatch.setattr(logging, "raiseExceptions", False)
-
-    def train(*args):
-        with pytest.raises(SystemExit) as e:
-            main(["train", *map(str, args)])
-        return e.value.code, capsys.readouterr().err.strip().splitlines()
-
-    yield train
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("change, expected", [

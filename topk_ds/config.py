@@ -54,6 +54,9 @@ class TrainConfig:
     # a resumed run keeps its own weights
     init_from: str = ""
     compile: bool = False  # torch.compile each block; off until a GPU measurement shows that it pays
+    # deterministic kernels only (torch.use_deterministic_algorithms, cuBLAS's fixed workspace), so a GPU run
+    # repeats bit for bit, as a CPU run does anyway; slower on a GPU, and an op without such a kernel stops the run
+    deterministic: bool = False
     save_every: int = 1000  # checkpoint every N optimizer steps (and at the end)
     keep_last: int = 3  # checkpoints kept; older ones are deleted
     eval_every: int = 500  # validation loss every N steps; 0 turns it off
@@ -267,7 +270,7 @@ def save_config(cfg: Config, path: Path) -> None:
 # checkpoint). Everything else, the model and TopK sections above all, is fixed when a run starts.
 # train.init_from only says where a run's first weights came from; compile and sequence_parallel are layout
 RESUMABLE = {"train.out_dir", "train.steps", "train.micro_batch", "train.grad_accum", "train.activation_checkpointing",
-             "train.sequence_parallel", "train.compile", "train.init_from",
+             "train.sequence_parallel", "train.compile", "train.deterministic", "train.init_from",
              "train.save_every", "train.keep_last", "train.eval_every", "train.eval_batches", "train.log_every",
              "train.health_window", "train.max_bad_steps", "train.wandb", "train.wandb_project", "train.tensorboard",
              "train.csv"}

@@ -27,7 +27,7 @@ import torch
 from ..config import Config, load_config, resume_changes
 from ..errors import UserError
 from ..io import sha256_file, write_json
-from .distributed import SharedError, all_gather, barrier, rank, world_size
+from .distributed import SharedError, all_gather, barrier, rank, together, world_size
 
 MARKER = "complete.json"
 _TAG = re.compile(r"^global_step(\d+)$")
@@ -163,21 +163,36 @@ class Checkpointer:
             self.save(engine, state)
 
     def save(self, engine, state: TrainState) -> Path:
+        """Every rank. A write that fails on any rank (a full disk, a file-size limit, an unwritable directory)
+        stops every rank with one line; the partial tag directory is removed, the earlier checkpoints stay."""
         tag = tag_for(state.step)
         if self.last_saved is not None and self.last_saved.name == tag:
             return self.last_saved
-        started = time.perf_counter()
-        engine.save(self.dir, tag, {"train_state": asdict(state)})
-        barrier()  # every rank's shards are on disk before they are listed
-        path = self.dir / tag
-        names = all_gather(sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
-                           if rank() == 0 else None)[0]
-        mine = {n: {"size": (path / n).stat().st_size,
-                    "sha256": file_sha256(path / n) if checksums_enabled() else None}
-                for n in names if owner(n, world_size()) == rank()}
-        files = {n: e for part in all_gather(mine) for n, e in part.items()}
+        started, path = time.perf_counter(), self.dir / tag
+        try:
+            with together():
+                try:
+                    engine.save(self.dir, tag, {"train_state": asdict(state)})
+                except OSError:
+                    barrier()  # the other ranks wait in the barrier that ends DeepSpeed's save
+                    raise
+            # every rank's shards are on disk now (together() synchronised): list and hash them
+            names = all_gather(sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+                               if rank() == 0 else None)[0]
+            with together():
+                mine = {n: {"size": (path / n).stat().st_size,
+                            "sha256": file_sha256(path / n) if checksums_enabled() else None}
+                        for n in names if owner(n, world_size()) == rank()}
+            files = {n: e for part in all_gather(mine) for n, e in part.items()}
+            with together():
+                if rank() == 0:
+                    write_json(path / MARKER, {"step": state.step, "train_state": asdict(state), "files": files})
+        except SharedError as e:
+            if rank() == 0:
+                shutil.rmtree(path, ignore_errors=True)
+            raise SharedError(f"saving the checkpoint of step {state.step} failed: {e}; the partial {path} was "
+                              "removed (the earlier checkpoints are intact)") from None
         if rank() == 0:
-            write_json(path / MARKER, {"step": state.step, "train_state": asdict(state), "files": files})
             self._prune()
         barrier()
         self.last_saved = path

@@ -18,6 +18,8 @@ from pathlib import Path
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.zero.utils import ZeRORuntimeException
 from pydantic import ValidationError
 
 from ..config import Config
@@ -25,6 +27,7 @@ from ..errors import UserError
 from ..model import Transformer
 from ..model.llama import causal_attention
 from ..model.topk import alpha as alpha_at
+from .distributed import SharedError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _OURS = {"optimizer": "train.lr/betas/weight_decay", "scheduler": "train.lr/warmup_ratio/min_lr_ratio",
@@ -291,6 +294,22 @@ class AnnealingHook:
             m.alpha = value
 
 
+class FileCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch.save checkpoint engine, writing through a Python file: a failed write (a full disk, a
+    file-size limit) then ends in an OSError naming the file and the cause, where torch.save to a path raises
+    only "unexpected pos N vs M"."""
+
+    def save(self, state_dict, path: str):
+        try:
+            with open(path, "wb") as f:
+                torch.save(state_dict, f, _use_new_zipfile_serialization=self.zipfile_serialization)
+        except (OSError, RuntimeError) as e:
+            cause = e if isinstance(e, OSError) else e.__context__  # torch wraps the file's error
+            if not isinstance(cause, OSError) or cause.errno is None:
+                raise
+            raise OSError(cause.errno, cause.strerror, path) from None
+
+
 class Engine:
     def __init__(self, cfg: Config, run_dir: Path | None = None, universal: bool = False, weights: dict | None = None):
         from torch import distributed as dist
@@ -304,6 +323,9 @@ class Engine:
             os.environ["WANDB_MODE"] = cfg.train.wandb  # the config decides, whatever the shell exported
             os.environ.setdefault("WANDB_DIR", str(run_dir))
         stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        if cfg.train.deterministic:  # before the first matmul creates cuBLAS's handle, which reads the variable
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.train.seed)
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, mpu=mpu, enabled=stage == 3):
             model = Transformer(cfg.model, cfg.topk)
@@ -318,6 +340,8 @@ class Engine:
             model.set_attention(ulysses_attention(self.sp_group))
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
                                                config=self.ds_config, mpu=mpu)
+        if type(self.engine.checkpoint_engine) is TorchCheckpointEngine:  # not a fast or decoupled writer
+            self.engine.checkpoint_engine = FileCheckpointEngine(self.engine._config)
         self.engine.lr_scheduler.step()  # from iteration -1 (lr 0) to 0: the first step's lr (resolve_ds_config)
         if cfg.train.compile:
             model.compile_blocks()
@@ -378,12 +402,21 @@ class Engine:
             self.engine.monitor.write_events(events)
 
     def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
+        """Every rank; a failed write raises OSError on the ranks it failed on (see Checkpointer.save)."""
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
 
     def load(self, path: Path) -> dict:
         """Load a checkpoint directory (a tag, or a universal checkpoint); returns the client state."""
         try:
             load_path, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        except ZeRORuntimeException:  # every rank alike: ZeRO's optimizer shards are split over the saving ranks
+            saved = self.engine.loaded_checkpoint_dp_world_size
+            here = self.engine.seq_dp_world_size
+            raise SharedError(
+                f"the checkpoint {path} was written by {saved} data-parallel ranks and this run has {here}; a ZeRO "
+                f"checkpoint resumes on another number of ranks once converted: python -m "
+                f"deepspeed.checkpoint.ds_to_universal --input_folder {path} --output_folder {path}_universal, then "
+                f"--resume {path}_universal") from None
         except RuntimeError as e:  # torch's load_state_dict: a checkpoint of another model shape
             if "Error(s) in loading state_dict" not in str(e):
                 raise

@@ -19,7 +19,8 @@ import socket
 import time
 from pathlib import Path
 
-from ..errors import describe_os_error
+from ..errors import UserError, describe_os_error
+from ..io import check_output
 from .distributed import agree, all_gather, rank
 
 LOCK = ".lock"
@@ -51,9 +52,12 @@ class RunDirectory:
     def _claim(self) -> str | None:
         """Rank 0: create the directory if needed and lock it; a problem, or None."""
         try:
+            check_output(self.path, "train (train.out_dir)")  # a file there, or a directory nothing can be written in
             self.created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             lock = open(self.path / LOCK, "a+")
+        except UserError as e:
+            return str(e)
         except OSError as e:
             return f"cannot use train.out_dir: {describe_os_error(e)}"
         try:
