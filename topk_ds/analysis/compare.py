@@ -170,6 +170,17 @@ class Comparison:
         self.reader = Reader(tokenizer, concepts, settings, self.layers)
         self._baselines: dict[int, list[str]] = {}
 
+    def lm_passes(self) -> tuple[int, float]:
+        """(Tokens the contenders' LMs read, at most; their mean forward FLOPs per token) for the cost line:
+        per contender, statistics at the final and earlier checkpoints, the validation loss (its own and with
+        each layer spliced) and the steering samples (baseline and every candidate at every scale). The SAEs
+        trained anew for stability and seeds are not counted."""
+        s, cfgs = self.s, [c.units.model.model.cfg for c in self.contenders]
+        samples = s.samples * s.max_new_tokens * (1 + s.steer_units * len(s.scales))
+        tokens = s.tokens * s.checkpoints + s.val_tokens * (1 + len(self.layers)) + samples
+        flops = [cfg.flops_per_token(s.seq_len or min(cfg.max_seq_len, 1024), training=False) for cfg in cfgs]
+        return len(cfgs) * tokens, sum(flops) / len(flops)
+
     def run(self) -> dict:
         reference_cost = training_cost(self.reference.run)
         contenders = [self.measure(c, reference_cost) for c in self.contenders]
