@@ -4,7 +4,6 @@ TopK health counters that stay on the device."""
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

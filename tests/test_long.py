@@ -1,7 +1,11 @@
-"""Long context: RoPE scaling (parity with transformers), ..."""
+"""Long context: RoPE scaling (parity with transformers), sequence parallelism (DeepSpeed-Ulysses), the
+long-range ground truth (`corpus synth --long`, `eval --suite long`) and the recipe that joins them."""
 
 import json
 import os
+import random
+import re
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +14,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from conftest import run_cli
+from conftest import assert_one_error, cli_main, run_cli
 from test_model import V, copy_into_hf_llama, tiny
 from topk_ds.model import TopKConfig, Transformer
 from topk_ds.model.llama import rope_frequencies
@@ -114,10 +118,6 @@ def test_ulysses_gives_the_whole_sequence_loss_and_gradients_and_topk_adds_no_co
     torch.multiprocessing.spawn(run, args=(free_port(),), nprocs=2)
 
 
-def metrics(run) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("overrides, message", [
     (["train.sequence_parallel=3"], "train.sequence_parallel=3 must divide model.n_heads=4"),
     (["model.n_kv_heads=1", "train.sequence_parallel=2"], "train.sequence_parallel=2 must divide model.n_kv_heads=1"),
@@ -170,14 +170,144 @@ def metrics(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+# --- long-range ground truth (corpus synth --long, eval --suite long) ------------------------------------
+
+def test_every_planted_fact_points_at_its_value_and_is_restated_far_enough():
+    from topk_ds.corpus.long import MIN_DISTANCE, fact_sentence, long_document
+
+    for seed in range(3):
+        doc = long_document(random.Random(seed), length=400, facts=8)
+        text = doc["text"]
+        assert len(text.split()) >= 400 and len({f["key"] for f in doc["facts"]}) == 8
+        for fact in doc["facts"]:
+            assert re.fullmatch(r"\d{4}", fact["value"]) and len(fact["spans"]) == 2  # stated, then once more
+            for a, b in fact["spans"]:
+                assert text[a:b] == fact["value"]
+                assert text[:b + 1].endswith(fact_sentence(fact["key"], fact["value"]))
+            (fact_at, _), (restated_at, _) = fact["spans"]
+            assert len(text[:restated_at].split()) - len(text[:fact_at].split()) >= MIN_DISTANCE
+
+
+def test_long_corpus_is_the_same_bytes_for_the_same_seed(tmp_path):
+    from topk_ds.corpus.long import write_long_corpus
+
+    def written(name, seed):
+        path = write_long_corpus(tmp_path / name, docs=3, seed=seed, length=200, facts=4, progress=False)
+        return path.read_bytes(), json.loads((tmp_path / name / "concepts.json").read_text())
+
+    (first, concepts), (again, _), (other, _) = written("a", 0), written("b", 0), written("c", 1)
+    assert first == again and first != other
+    assert concepts["long"] == {"length": 200, "facts": 4}
+    for line in first.decode().splitlines():
+        doc = json.loads(line)
+        assert all(doc["text"][a:b] == f["value"] for f in doc["facts"] for a, b in f["spans"])
+
+
+@pytest.fixture(scope="module")
+def long_tokenizer(synthetic_data):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(synthetic_data[1] / "tokenizer")
+
+
+def test_long_documents_fill_the_context_and_point_at_the_values_by_token_distance(long_tokenizer):
+    from topk_ds.evaluate.long import DISTANCE_BUCKETS, bucket, documents
+
+    assert [bucket(d, DISTANCE_BUCKETS) for d in (63, 64, 127, 128, 8191, 8192)] == [None, 0, 0, 1, 6, None]
+    docs = documents(long_tokenizer, 300, 3)
+    assert len(docs) == 3 and sum(len(q) for _, q in docs) > 0
+    for ids, queries in docs:
+        assert ids.shape == (300,)
+        for tokens, distance in queries:
+            assert distance >= DISTANCE_BUCKETS[0] and tokens[-1] < 300
+            assert tokens == list(range(tokens[0], tokens[0] + len(tokens)))
+            assert torch.equal(ids[tokens], ids[[t - distance for t in tokens]])  # the fact's value, back there
+            assert re.fullmatch(r"\d{4}", long_tokenizer.decode(ids[tokens]).strip(" ."))
+    assert [torch.equal(a[0], b[0]) for a, b in zip(docs, documents(long_tokenizer, 300, 3))] == [True] * 3
+
+
+class Predicts(torch.nn.Module):
+    """Logits that make the true next token the greedy prediction except at `wrong` positions (uniform: all)."""
+
+    def __init__(self, vocab: int, wrong=(), uniform=False):
+        super().__init__()
+        self.vocab, self.wrong, self.uniform = vocab, set(wrong), uniform
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids, use_cache=False):
+        logits = torch.zeros(*ids.shape, self.vocab)
+        if not self.uniform:
+            logits[:, :-1].scatter_(2, ids[:, 1:, None], 20.0)  # logits[:, t] predict token t + 1
+            for t in self.wrong:
+                logits[:, t - 1] = 0.0
+        return type("Output", (), {"logits": logits})
+
+
+def test_score_buckets_recall_by_distance_and_perplexity_by_position():
+    from topk_ds.evaluate.long import score
+
+    ids = torch.randint(1, 50, (1100,))
+    queries = [([300, 301], 100), ([500], 700), ([600], 40), ([900, 901], 300)]  # 40: nearer than any bucket
+    result = score(Predicts(50, wrong=[901]), [(ids, queries)])
+    assert [(d["asked"], d["recalled"]) for d in result["distance"]] == \
+        [(1, 1), (0, 0), (1, 0), (1, 1), (0, 0), (0, 0), (0, 0)]  # 901 was not predicted: that value is missed
+    assert [p["tokens"] for p in result["position"]] == [255, 768, 76, 0]  # positions 1-255, 256-1023, 1024-1099
+    assert result["position"][3]["perplexity"] is None and result["distance"][1]["accuracy"] is None
+    uniform = score(Predicts(50, uniform=True), [(ids, queries), (ids, queries)], batch_size=2)
+    assert [p["perplexity"] for p in uniform["position"][:3]] == [pytest.approx(50.0)] * 3
+    assert sum(d["recalled"] for d in uniform["distance"]) == 0 and uniform["position"][0]["tokens"] == 2 * 255
+
+
+@pytest.fixture
+def long_model(synthetic_data, long_tokenizer, tmp_path):
+    """An untrained TopK LM with a context of 256, saved like a converted directory with the corpus' tokenizer."""
+    from topk_ds.model.hf import TopKLlamaConfig, TopKLlamaForCausalLM
+
+    out = tmp_path / "long-model"
+    config = TopKLlamaConfig.from_args(tiny(vocab_size=len(long_tokenizer), max_seq_len=256), TopKConfig(k=8))
+    TopKLlamaForCausalLM(config).save_pretrained(out)
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(synthetic_data[1] / "tokenizer" / name, out / name)
+    return out
+
+
+def test_eval_long_states_its_memory_and_cost_then_writes_its_results(long_model, tmp_path, capsys, monkeypatch):
+    import topk_ds.devices
+
+    out = tmp_path / "eval"
+    code, _, err = cli_main(capsys, "eval", long_model, "--suite", "long", "--limit", 2, "--out", out)
+    assert code == 0, err
+    assert "eval --suite long long-model needs" in err and "available" in err
+    assert "eval --suite long long-model: 512 tokens x" in err and "FLOP" in err  # 2 documents of 256 tokens
+    result = json.loads((out / "long-model.json").read_text())
+    assert result["max_length"] == 256 and result["position"][0]["tokens"] == 2 * 255
+    monkeypatch.setattr(topk_ds.devices, "available_memory", lambda device: 2**20)
+    refused = tmp_path / "refused"
+    assert_one_error(cli_main(capsys, "eval", long_model, "--suite", "long", "--out", refused),
+                     "eval --suite long long-model needs", "1 MiB available", "not enough", "--batch-size")
+    assert not refused.exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["corpus", "synth", "--long", "--facts", "0"], ["--facts", ">= 1"]),
+    (["corpus", "synth", "--long", "--facts", "65"], ["--facts must be in [1, 64]"]),
+    (["corpus", "synth", "--long", "--length", "100"], ["--length must be at least 128 words"]),
+    (["corpus", "synth", "--length", "300"], ["--length and --facts shape the documents of --long"]),
+    (["eval", "MODEL", "--suite", "long", "--max-length", "100"], ["--max-length 100 is too short", "at least 128"]),
+    (["eval", "MODEL", "--suite", "long", "--tasks", "lambada"], ["--suite long has no --tasks"]),
+])
+def test_bad_long_input_is_one_line_and_writes_nothing(argv, words, tmp_path, capsys):
+    argv = [str(tmp_path / "model") if a == "MODEL" else a for a in argv]
+    assert_one_error(cli_main(capsys, *argv, "--out", tmp_path / "out"), *words)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_long_context_recipe_on_cpu(synthetic_data, tmp_path):
     """The README recipe, small: a TopK LM and its dense twin trained at 64 tokens on long documents, continued
     at 256 with sequence parallelism over 2 ranks and YaRN x4, then compared by `eval --suite long`. The TopK
     continuation also resumes bit for bit from its checkpoint, and through a universal checkpoint on one rank
     without sequence parallelism, with the losses and gradient norms of the 2-rank run within fp32 tolerance."""
-    import shutil
-
     corpus, data = tmp_path / "corpus", tmp_path / "data"
     run_cli("corpus", "synth", "--long", "--out", corpus, "--docs", 120, "--length", 300, "--facts", 6)
     run_cli("data", "prepare", "--input", corpus / "corpus.jsonl", "--tokenizer", synthetic_data[1] / "tokenizer",

@@ -108,6 +108,53 @@ def test_sae_steering_adds_exactly_c_times_the_decoder_row(sae_dir, tiny_hf):
         assert torch.equal(outputs(contextlib.nullcontext())[1], plain[1])  # the hook is gone
 
 
+def test_sae_commands_report_steer_and_trace_a_latent(sae_dir, tiny_hf, tiny_run, synthetic_data, tmp_path, capsys):
+    """The --sae commands' success paths on the latent that fires most on one topic word: `analyze neuron` of the
+    SAE's statistics reports it as a latent; `steer` writes the offsets with topic shares as neuron steering
+    writes them; `analyze trace` of the run the SAE's model came from finds, at its final checkpoint, the mean
+    activation the statistics measured on the same tokens."""
+    from topk_ds.analysis.concepts import Concepts
+    from topk_ds.analysis.stats import Stats
+    from topk_ds.analysis.trace import token_id
+    from topk_ds.convert.hf_export import load
+
+    stats_dir, word, tokens = tmp_path / "stats", "chef", 4096
+    cli("analyze", "stats", tiny_hf, "--sae", sae_dir, "--data", synthetic_data[1], "--tokens", tokens, "--seq-len", 64,
+        "--top-contexts", 2, "--out", stats_dir)
+    stats = Stats.load(stats_dir)
+    v = token_id(load(tiny_hf)[1], word)
+    abar = stats.abar(0)[v]
+    i = int(abar.argmax())
+    assert stats.counts[v] > 0 and abar[i] > 0
+
+    capsys.readouterr()
+    cli("analyze", "neuron", stats_dir, f"0:{i}", "--sae", sae_dir, "--json", tmp_path / "report.json")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["unit"] == "latent" and report["neuron"] == f"0:{i}" and report["kind"] == "SAE k=8"
+    assert report["tokens"] == tokens and report["fires"] > 0 and capsys.readouterr().out.startswith(f"latent 0:{i} (")
+
+    concepts = Concepts.load(synthetic_data[0] / "concepts.json")
+    topic = next(t for t, words in concepts.topics.items() if word in words)
+    peak = float(stats.layers[0].top_values[i, 0])
+    offsets = [round(peak, 3), round(10 * peak, 3)]
+    cli("steer", tiny_hf, "--sae", sae_dir, "--neuron", f"0:{i}", *[a for c in offsets for a in ("--offset", c)],
+        "--greedy", "--max-new-tokens", 12, "--stats", stats_dir, "--concepts", concepts.path, "--topic", topic)
+    result = json.loads((stats_dir / "steering" / f"0_{i}.json").read_text())
+    assert result["units"] == "latent" and result["neuron"] == f"0:{i}" and result["topic"] == topic
+    assert [r["offset"] for r in result["offsets"]] == [0.0, *offsets]
+    for r in result["offsets"]:
+        assert len(r["texts"]) == 1 and 0 <= r["topic_words"] <= r["content_words"]
+        assert r["share"] == (r["topic_words"] / r["content_words"] if r["content_words"] else 0.0)
+    assert result["offsets"][-1]["ids"] != result["offsets"][0]["ids"]  # 10x its peak along W_dec[i] changes the text
+
+    cli("analyze", "trace", tiny_run, "--sae", sae_dir, "--neuron", f"0:{i}", "--token", word, "--tokens", tokens,
+        "--seq-len", 64, "--out", tmp_path / "trace")
+    trace = json.loads((tmp_path / "trace" / f"sae-trace-{i}-{word}.json").read_text())
+    assert trace["units"] == "latent" and trace["layers"] == [0, 1] and trace["steps"] == [100, 200, 300]
+    assert trace["count"] == int(stats.counts[v]) and (tmp_path / "trace" / f"sae-trace-{i}-{word}.png").is_file()
+    assert trace["mean"][0][-1] == pytest.approx(float(abar[i]), rel=1e-4)  # the checkpoint the SAE's model is
+
+
 def test_hungarian_matching_recovers_a_planted_permutation():
     from topk_ds.analysis.compare import match
 

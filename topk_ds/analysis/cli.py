@@ -451,7 +451,7 @@ def _run_of(path) -> Path | None:
 
 def _compare(a):
     from ..convert.hf_export import load
-    from ..devices import resolve
+    from ..devices import cost_line, resolve
     from ..io import atomic_output, check_replaceable, write_json
     from ..sae import Latents
     from ..sae.library import read_record
@@ -499,7 +499,10 @@ def _compare(a):
                         max_new_tokens=a.max_new_tokens, seed=a.seed)
     with atomic_output(out) as tmp:
         tmp.mkdir()
-        result = Comparison(contenders, tokenizer, concepts, settings, tmp, reference=contenders[1]).run()
+        comparison = Comparison(contenders, tokenizer, concepts, settings, tmp, reference=contenders[1])
+        print(cost_line(f"analyze compare: the LM passes of {len(contenders)} contenders", *comparison.lm_passes(),
+                        device, dtype), file=sys.stderr, flush=True)
+        result = comparison.run()
         result["models"] = {"topk": str(a.topk), "dense": str(a.dense), "sae": [str(d) for d in a.sae]}
         write_json(tmp / "compare.json", result)
         contenders_figure(result, tmp / "compare.png")

@@ -7,9 +7,10 @@ over the same tokens and scored against the planted topics of the synthetic corp
                           `analyze neuron` defines them); mean_best_f1 averages the best F1 over all topics
     token_entropy,        mean and std over the units (the paper's eq. 4-11)
     semantic_entropy
-    steering_success      of the N units most likely to steer (`steer.steering_candidates`), the share whose
-                          steering at 1 and 2 times its largest activation raises its topic's share of generated
-                          content words by >= 0.2 over the unsteered baseline (same prompt, seeds, sampling);
+    steering_success      of the top-N concept units as `steer.steering_candidates` ranks them, the share that
+                          steer their topic: steering at 1x OR 2x the unit's largest activation (either scale;
+                          the issue's "at 1 and 2 times") raises the topic's share of generated content words by
+                          >= the gain (0.2) over the unsteered baseline (same prompt, seeds, sampling);
                           a contender with fewer than N candidates counts the missing ones as failures
     checkpoint_stability  over the last M checkpoints of the model's run: the units of each earlier checkpoint
                           (`units.retrain`: a neuron is the model's own; an SAE is trained anew) are matched to
@@ -168,6 +169,17 @@ class Comparison:
         self.layers = sorted(layers)
         self.reader = Reader(tokenizer, concepts, settings, self.layers)
         self._baselines: dict[int, list[str]] = {}
+
+    def lm_passes(self) -> tuple[int, float]:
+        """(Tokens the contenders' LMs read, at most; their mean forward FLOPs per token) for the cost line:
+        per contender, statistics at the final and earlier checkpoints, the validation loss (its own and with
+        each layer spliced) and the steering samples (baseline and every candidate at every scale). The SAEs
+        trained anew for stability and seeds are not counted."""
+        s, cfgs = self.s, [c.units.model.model.cfg for c in self.contenders]
+        samples = s.samples * s.max_new_tokens * (1 + s.steer_units * len(s.scales))
+        tokens = s.tokens * s.checkpoints + s.val_tokens * (1 + len(self.layers)) + samples
+        flops = [cfg.flops_per_token(s.seq_len or min(cfg.max_seq_len, 1024), training=False) for cfg in cfgs]
+        return len(cfgs) * tokens, sum(flops) / len(flops)
 
     def run(self) -> dict:
         reference_cost = training_cost(self.reference.run)
@@ -425,7 +437,11 @@ def markdown(result: dict) -> str:
              f"Units at layers {', '.join(map(str, result['layers']))}, statistics over {result['tokens']:,} tokens of "
              f"{result['data']}, scored against the {len(result['topics'])} planted topics of {result['concepts']}. "
              f"Steering: {s['samples']} samples of {s['max_new_tokens']} tokens from {PROMPT!r}, seed {s['seed']}, "
-             f"offsets {' and '.join(f'{x:g}' for x in s['scales'])} times each unit's largest activation.", "",
+             f"offsets {' and '.join(f'{x:g}' for x in s['scales'])} times each unit's largest activation. A unit "
+             f"counts as steering its topic when steering at {' or '.join(f'{x:g}x' for x in s['scales'])} its largest "
+             f"activation (either scale) raises its topic's share of generated content words by ≥ {s['min_gain']:g} "
+             f"over the unsteered baseline; the candidates are the top {s['steer_units']} concept units as "
+             "`steer.steering_candidates` ranks them (pure, strong, room to rise, one per topic).", "",
              table(result), "", "![contenders](compare.png)", "", "## What it says", "", *findings(result), "",
              "## Best unit per topic", "", topic_table(result), "",
              "Definitions: `topk_ds/analysis/compare.py`; every number is in `compare.json`.", ""]

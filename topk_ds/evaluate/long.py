@@ -101,10 +101,11 @@ def evaluate_long(models: list[str], out: Path | None = None, docs: int = DEFAUL
     """Every model on the same documents, one after another on `device`; OUT/LABEL.json per model,
     OUT/table.md and OUT/retention.png."""
     from ..analysis.plots import retention
-    from ..devices import free_device_memory, resolve
+    from ..devices import check_memory, cost_line, free_device_memory, resolve
 
     device, dtype = resolve(device, dtype)
-
+    if max_length is not None:  # refused before any model is read
+        _check_length(max_length)
     specs = [describe(Path(m)) for m in models]
     limits = [s.max_len for s in specs if s.max_len is not None]
     length = max_length or (min(limits) if limits else None)
@@ -114,14 +115,20 @@ def evaluate_long(models: list[str], out: Path | None = None, docs: int = DEFAUL
         if spec.max_len is not None and length > spec.max_len:
             raise UserError(f"--max-length {length} exceeds the longest sequence {spec.label} is meant for "
                             f"({spec.max_len}); choose --max-length <= {spec.max_len}")
-    if length < 2 * DISTANCE_BUCKETS[0]:
-        raise UserError(f"--max-length {length} is too short for the long suite: facts are recalled "
-                        f"{DISTANCE_BUCKETS[0]} or more tokens later; use at least {2 * DISTANCE_BUCKETS[0]}")
+    _check_length(length)
+    flops = []
+    for spec in specs:  # every model checked before the first is loaded
+        needs, per_token = _needs(spec, length, batch_size, dtype)
+        print(check_memory(f"eval --suite long {spec.label}", needs, device, "choose a smaller --batch-size or "
+                           "--max-length"), file=sys.stderr)
+        flops.append(per_token)
     out = Path(out) if out else Path("eval_results") / "long"
     out.mkdir(parents=True, exist_ok=True)
     rows, names, cache = [], _file_names(specs), {}
     for i, (spec, name) in enumerate(zip(specs, names), 1):
         print(f"[{i}/{len(specs)}] {spec.label}{_step(spec)}: {docs} documents of {length} tokens",
+              file=sys.stderr, flush=True)
+        print(cost_line(f"eval --suite long {spec.label}", docs * length, flops[i - 1], device, dtype),
               file=sys.stderr, flush=True)
         model, tokenizer = load_model(spec, device, dtype)
         key = json.dumps(tokenizer.get_vocab(), sort_keys=True)  # same tokenizer, same documents
@@ -145,6 +152,36 @@ def evaluate_long(models: list[str], out: Path | None = None, docs: int = DEFAUL
     print(table)
     print(f"wrote {', '.join(n + '.json' for n in names)}, table.md and retention.png to {out}/")
     return out
+
+
+def _check_length(length: int) -> None:
+    if length < 2 * DISTANCE_BUCKETS[0]:
+        raise UserError(f"--max-length {length} is too short for the long suite: facts are recalled "
+                        f"{DISTANCE_BUCKETS[0]} or more tokens later; use at least {2 * DISTANCE_BUCKETS[0]}")
+
+
+def _needs(spec, length: int, batch_size: int, dtype: torch.dtype) -> tuple[dict[str, int], float]:
+    """({part: bytes} one model needs to score batches of `batch_size` documents of `length` tokens, forward
+    FLOPs per token), from its config alone. Activations are an estimate (the SwiGLU hidden three times and the
+    residual stream six times per token); the logits are held in the model's dtype and twice in fp32 (the copy
+    scored and cross-entropy's log-softmax)."""
+    if spec.kind == "topk":
+        from ..convert.hf_export import read_config
+
+        cfg = read_config(spec.path)[0]
+        params, flops = cfg.num_params(), cfg.flops_per_token(length, training=False)
+        vocab, dim, ffn = cfg.vocab_size, cfg.dim, cfg.ffn_dim
+    else:  # another causal LM: its parameters counted on the meta device, 2 FLOPs per weight as `eval` counts them
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(spec.path)
+        with torch.device("meta"):
+            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        flops, vocab, dim = 2.0 * params, config.vocab_size, config.hidden_size
+        ffn = getattr(config, "intermediate_size", None) or 4 * dim
+    tokens = batch_size * length
+    return ({"model": params * dtype.itemsize, "logits": tokens * vocab * (dtype.itemsize + 8),
+             "activations": tokens * (3 * ffn + 6 * dim) * dtype.itemsize}, flops)
 
 
 def markdown_table(rows, length: int, docs: int) -> str:
