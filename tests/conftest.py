@@ -106,7 +106,7 @@ def tiny_hf(tiny_run):
 # The concept-forming pair: the demo preset's TopK model (D=128, k=16) and its dense twin, each trained on one
 # rank for 400 steps of 16 x 128 tokens at a constant learning rate after warmup (long enough for topic neurons
 # to form; the tiny run's 300 x 8 x 64 tokens are not), with checkpoints at steps 200 and 400, converted.
-CONCEPT_STEPS, STATS_TOKENS = 400, 64_000  # statistics over whole windows of 64
+CONCEPT_STEPS, STATS_TOKENS = 800, 64_000  # statistics over whole windows of 64
 
 
 def train_concept_model(data, root, config):

@@ -342,7 +342,7 @@ def test_browser_is_self_contained(stats_dir, tmp_path):
         assert "http://" not in html and "https://" not in html
         assert all((page.parent / ref).is_file() for ref in re.findall(r'(?:src|href)="([^"#?]+)', html))
     layer = (site / "layer0.html").read_text()
-    assert "<th>token entropy</th>" in layer and "<th>topic</th>" in layer and "neurons/0_0.html" in layer
+    assert '"token_entropy">token entropy</th>' in layer and '"topic">topic</th>' in layer and "neurons/0_0.html" in layer
     assert "unsteered" not in (site / "neurons" / "0_3.html").read_text()
 
 

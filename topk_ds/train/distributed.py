@@ -53,13 +53,6 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def shutdown() -> None:
-    """Close the process group before the interpreter exits, whatever ended the run: left to the exit,
-    gloo's threads now and then abort the process ("terminate called without an active exception")."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def data_parallel(sequence_parallel: int) -> tuple[int, int]:
     """(this rank's data-parallel index, data-parallel ranks), from the launcher's variables (discover_ranks),
     so a bad degree is refused before any process group exists. The N ranks of a sequence-parallel group are

@@ -39,6 +39,20 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_init_required=None)
 
 
+def shutdown_distributed() -> None:
+    """Close the process group whatever ended the run: left to the interpreter's exit, gloo's threads now and
+    then abort the process ("terminate called without an active exception"). DeepSpeed keeps groups made
+    in the closed one (its clone of the world group, a sequence-parallel mpu); they are forgotten, so a later
+    run in the same process (a notebook, the tests) makes its own."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+    from deepspeed.utils import groups
+
+    groups._WORLD_GROUP, groups.mpu = None, None
+    parallel_state_sp._release_sequence_parallel_groups()
+
+
 def sequence_parallel_state(n: int):
     """DeepSpeed's own sequence-parallel groups (parallel_state_sp, the `mpu` of its Ulysses integration):
     ranks [i*n, (i+1)*n) share sequences; ZeRO partitions and reduces gradients over all ranks, averaging

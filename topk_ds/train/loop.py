@@ -13,8 +13,8 @@ from ..errors import UserError
 from ..io import write_json
 from .checkpoint import (Checkpointer, TrainState, check_same_run, is_universal, recorded_state, saved_weights,
                          warm_start_tag)
-from .distributed import Preemption, any_rank, data_parallel, mean_over_ranks, rank, shutdown, together, world_size
-from .engine import Engine, init_distributed
+from .distributed import Preemption, any_rank, data_parallel, mean_over_ranks, rank, together, world_size
+from .engine import Engine, init_distributed, shutdown_distributed
 from .monitor import Monitor, peak_flops, truncate_metrics
 from .prefetch import Prefetcher
 from .rundir import RunDirectory
@@ -74,7 +74,7 @@ def train(cfg: Config, resume: str = "none") -> Path:
     try:
         return _train(cfg, resume, dp)
     finally:
-        shutdown()
+        shutdown_distributed()
 
 
 def _train(cfg: Config, resume: str, dp: tuple[int, int]) -> Path:
