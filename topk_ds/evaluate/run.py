@@ -241,6 +241,9 @@ def _evaluate_one(spec: ModelSpec, tasks: list, task_manager, batch_size: str, m
               file=sys.stderr, flush=True)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
                   prefix_token_id=rolling_prefix(tokenizer))
+        # lm-eval would bootstrap in a fork()ed pool; a fork of this process (torch's and tqdm's threads, a
+        # process group) can deadlock on a lock held at the fork, and one chunk of draws gains nothing from it
+        os.environ.setdefault("DISABLE_MULTIPROC", "1")
         return simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, limit=limit, log_samples=False,
                                bootstrap_iters=BOOTSTRAP_ITERS)
     except torch.cuda.OutOfMemoryError as e:
