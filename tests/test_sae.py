@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import RUN_SAVE_EVERY, SAE_TOKENS, assert_one_error, cli_main, hooked_outputs
+from conftest import CONCEPT_STEPS, RUN_SAVE_EVERY, SAE_TOKENS, assert_one_error, cli_main, hooked_outputs
 from topk_ds.cli import main
 
 
@@ -200,7 +200,8 @@ def test_comparison_reports_three_contenders_with_every_metric_finite(concept_mo
         assert 0 <= c["topics_recovered"] <= len(result["topics"]) and 0 <= c["mean_best_f1"] <= 1
         assert 0 <= c["steering_success"] <= 1 and c["steering"]["n"] == 2
         stability = c["checkpoint_stability"]
-        assert [p["step"] for p in stability["checkpoints"]] == [200] and stability["final_step"] == 400
+        assert [p["step"] for p in stability["checkpoints"]] == [CONCEPT_STEPS // 2]
+        assert stability["final_step"] == CONCEPT_STEPS
         assert 0 <= stability["share"] <= 1
         for key in ("mean", "std"):
             assert c["token_entropy"][key] is not None and c["semantic_entropy"][key] is not None
