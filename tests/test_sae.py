@@ -218,7 +218,7 @@ def test_comparison_reports_three_contenders_with_every_metric_finite(concept_mo
     md = (out / "compare.md").read_text()
     assert "| topics recovered" in md and "## What it says" in md and "SAE 1x" in md
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    assert (out / "saes" / "sae-1x-step200" / "layers.0" / "sae.safetensors").is_file()
+    assert (out / "saes" / f"sae-1x-step{CONCEPT_STEPS // 2}" / "layers.0" / "sae.safetensors").is_file()
 
 
 # --- bad input: one line, exit != 0 ----------------------------------------------------------------
