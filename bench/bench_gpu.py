@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_model import hf_llama, hf_logits, ours_logits, step  # noqa: E402
 from bench.common import Figure, table  # noqa: E402
 from bench.gpu_analysis import analysis_figures  # noqa: E402
-from topk_ds.model import ModelConfig, TopKConfig, Transformer, topk_activation  # noqa: E402
+from topk_ds.model import ModelConfig, Transformer, topk_activation  # noqa: E402
 from topk_ds.model.topk import topk_indices  # noqa: E402
 
 # (GPU, dry run): the training-correctness run, the speed shape, the TopK op's input

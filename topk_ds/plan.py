@@ -216,8 +216,8 @@ def _split(nbytes: float, gpus_per_node: int, nodes: int) -> tuple[float, float]
 
 
 def communication(knobs: ZeroKnobs, params: int, partitioned: int, units: int, gpus_per_node: int, nodes: int,
-                  micro_steps: int, compute: float, gpu: Gpu, ib: float, latency: float) -> dict:
-    """Bytes one GPU moves per optimizer step and the time it costs. `compute`: seconds of one
+                  micro_steps: int, compute: float, gpu: Gpu, ib: float, latency: float, extra: list = ()) -> dict:
+    """Bytes one GPU moves per optimizer step and the time it costs; `extra`: more rows (sequence parallelism's). `compute`: seconds of one
     micro-step's forward + backward (a third forward, two thirds backward). With overlap_comm a
     collective hides behind the compute of its pass (the parameter all-gather of the forward behind
     the forward, the backward's all-gather and gradient reduce-scatter behind the backward: perfectly,
@@ -257,6 +257,7 @@ def communication(knobs: ZeroKnobs, params: int, partitioned: int, units: int, g
         host("fp32 gradient shard to host memory", "exposed", 4 * params / gpus)
         rows[-1]["when"] = "exposed per micro-step" if k.stage > 1 else "exposed"
         host("updated 16-bit parameter shard back", "step", 2 * params / gpus)
+    rows += extra
 
     def total(when):
         return sum(r["seconds"] for r in rows if r["when"] == when)
@@ -360,33 +361,28 @@ def plan(cfg, gpus_per_node: int, nodes: int = 1, gpu: str = "h200", zero: int |
         if knobs.hpz > 1:  # hpZ's secondary copy of the parameters (int8 with qwZ)
             buffers += (1 if knobs.quantized_weights else 2) * partitioned // knobs.hpz
     usable = int(device.memory_gib * GIB * (1 - MARGIN))
-    memory = {}
+    memory, dp, local = {}, gpus // sp, seq_len // sp  # data-parallel GPUs, positions per GPU (both checked exact)
     for name, ckpt in (("plain", False), ("checkpointed", True)):
         # a GPU holds seq_len / N positions of each sequence (Ulysses' attention: all of them for heads / N)
-        act = activation_bytes(cfg, micro_batch, seq_len // sp, 2, ckpt, annealing)
-        per_sequence = activation_bytes(cfg, 1, seq_len // sp, 2, ckpt, annealing)["peak"]
+        act = activation_bytes(cfg, micro_batch, local, 2, ckpt, annealing)
+        per_sequence = activation_bytes(cfg, 1, local, 2, ckpt, annealing)["peak"]
         used = states_gpu + buffers + act["peak"]
         memory[name] = {"activations_saved": act["saved"], "activations_peak": act["peak"], "total": used,
                         "fits": used <= usable, "max_micro_batch": max(0, (usable - states_gpu - buffers) // per_sequence)}
 
     flops = m.flops_per_token(seq_len)
-    sequences = micro_batch * cfg.train.grad_accum * gpus // sp
+    sequences = micro_batch * cfg.train.grad_accum * dp
     tokens_per_step = sequences * seq_len
-    compute = micro_batch * seq_len // sp * flops / (device.peak * mfu)  # one micro-step, seconds
+    compute = micro_batch * local * flops / (device.peak * mfu)  # one micro-step, seconds
+    ulysses = ulysses_traffic(m, micro_batch, seq_len, sp, gpus_per_node, cfg.train.activation_checkpointing, device,
+                              ib, latency) if sp > 1 else []
     comm = communication(knobs, total, partitioned, units, gpus_per_node, nodes, cfg.train.grad_accum, compute,
-                         device, ib, latency)
-    if sp > 1:
-        rows = ulysses_traffic(m, micro_batch, seq_len, sp, gpus_per_node, cfg.train.activation_checkpointing, device,
-                               ib, latency)
-        comm["collectives"] += [r | {"per_step": cfg.train.grad_accum} for r in rows]
-        comm["exposed_seconds"] += cfg.train.grad_accum * sum(r["seconds"] for r in rows)
-        for link in ("nvlink", "ib"):
-            comm[f"{link}_bytes_per_step"] += cfg.train.grad_accum * sum(r[f"{link}_bytes"] for r in rows)
+                         device, ib, latency, ulysses)
     step = cfg.train.grad_accum * compute + comm["exposed_seconds"]
     throughput = tokens_per_step / step  # tokens/s
     reference = cfg.train.micro_batch * cfg.train.grad_accum * REFERENCE_GPUS // sp
     if sequences != reference:
-        keep = reference / (micro_batch * gpus // sp)
+        keep = reference / (micro_batch * dp)
         advice = (f"set train.grad_accum={keep:g} to keep it" if keep == int(keep) and keep >= 1 else
                   "change train.micro_batch or train.grad_accum to keep it")
         notes.append(f"the global batch (micro x accum x GPUs) changes with the GPU count: {sequences:,} sequences here, "
@@ -410,7 +406,7 @@ def plan(cfg, gpus_per_node: int, nodes: int = 1, gpu: str = "h200", zero: int |
                    "partitioned": partitioned, "fetch_units": units},
         "flops_per_token": flops,
         "batch": {"micro_batch": micro_batch, "seq_len": seq_len, "grad_accum": cfg.train.grad_accum,
-                  "sequence_parallel": sp, "data_parallel": gpus // sp,
+                  "sequence_parallel": sp, "data_parallel": dp,
                   "global_batch": sequences, "tokens_per_step": tokens_per_step},
         "memory": {"model_states_gpu": states_gpu, "model_states_cpu_per_node": states_cpu, "zero_buffers": buffers,
                    "usable": usable, "margin": MARGIN, "checkpointing_in_config": cfg.train.activation_checkpointing,

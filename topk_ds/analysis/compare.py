@@ -69,6 +69,10 @@ class Settings:
     max_new_tokens: int = 48
     seed: int = 0
 
+    def window(self, cfg) -> int:
+        """Tokens per window for a model of config `cfg`."""
+        return self.seq_len or min(cfg.max_seq_len, 1024)
+
 
 def _say(message: str) -> None:
     print(f"compare: {message}", file=sys.stderr, flush=True)
@@ -104,7 +108,7 @@ class Reader:
 
     def stats(self, units, progress: bool = True):
         cfg = units.model.model.cfg
-        seq_len = self.s.seq_len or min(cfg.max_seq_len, 1024)
+        seq_len = self.s.window(cfg)
         batches = token_batches(self.s.data, self.tokenizer, cfg.vocab_size, seq_len, self.s.tokens,
                                 max(1, 8192 // seq_len), self.s.split)
         stats = collect(units, self.tokenizer, batches, self.s.tokens, self.layers, top=1, progress=progress)
@@ -178,7 +182,7 @@ class Comparison:
         s, cfgs = self.s, [c.units.model.model.cfg for c in self.contenders]
         samples = s.samples * s.max_new_tokens * (1 + s.steer_units * len(s.scales))
         tokens = s.tokens * s.checkpoints + s.val_tokens * (1 + len(self.layers)) + samples
-        flops = [cfg.flops_per_token(s.seq_len or min(cfg.max_seq_len, 1024), training=False) for cfg in cfgs]
+        flops = [cfg.flops_per_token(s.window(cfg), training=False) for cfg in cfgs]
         return len(cfgs) * tokens, sum(flops) / len(flops)
 
     def run(self) -> dict:
@@ -306,7 +310,7 @@ class Comparison:
     def validation(self, c: Contender) -> dict:
         model = c.units.model
         cfg = model.model.cfg
-        seq_len = self.s.seq_len or min(cfg.max_seq_len, 1024)
+        seq_len = self.s.window(cfg)
         split = "val" if _has_val(self.s.data) else self.s.split
         batches = [b.to(model.device) for b in token_batches(self.s.data, self.tokenizer, cfg.vocab_size, seq_len,
                                                              self.s.val_tokens, max(1, 8192 // seq_len), split)]

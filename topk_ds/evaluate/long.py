@@ -24,7 +24,7 @@ import torch
 from ..corpus import doc_rng
 from ..corpus.long import long_document
 from ..errors import UserError
-from .run import _file_names, _step, _write, describe, load_model
+from .run import _file_names, _step, _write, check_max_length, describe, load_model
 
 DISTANCE_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)  # retrieval: [64, 128), ..., [4096, 8192)
 POSITION_BUCKETS = (0, 256, 1024, 4096, 8192)  # perplexity: [0, 256), [256, 1k), [1k, 4k), [4k, 8k)
@@ -111,11 +111,9 @@ def evaluate_long(models: list[str], out: Path | None = None, docs: int = DEFAUL
     length = max_length or (min(limits) if limits else None)
     if length is None:
         raise UserError("no model states its longest sequence: pass --max-length")
-    for spec in specs:
-        if spec.max_len is not None and length > spec.max_len:
-            raise UserError(f"--max-length {length} exceeds the longest sequence {spec.label} is meant for "
-                            f"({spec.max_len}); choose --max-length <= {spec.max_len}")
-    _check_length(length)
+    check_max_length(specs, length)
+    if max_length is None:
+        _check_length(length)
     flops = []
     for spec in specs:  # every model checked before the first is loaded
         needs, per_token = _needs(spec, length, batch_size, dtype)

@@ -47,10 +47,7 @@ def evaluate(models: list[str], suite: str, tasks: list[str] | None = None, out:
     suite = SUITES[suite]
     tasks = _select_tasks(suite, tasks)
     specs = [describe(Path(m)) for m in models]
-    for spec in specs:
-        if spec.max_len is not None and max_length > spec.max_len:
-            raise UserError(f"--max-length {max_length} exceeds the longest sequence {spec.label} is meant for "
-                            f"({spec.max_len}); choose --max-length <= {spec.max_len}")
+    check_max_length(specs, max_length)
     metadata = {}
     if "fineweb_edu_valid" in tasks:
         metadata["val_data"] = str(Path(_val_data(specs, val_data)).resolve())
@@ -252,6 +249,13 @@ def _evaluate_one(spec: ModelSpec, tasks: list, task_manager, batch_size: str, m
     finally:
         del model, lm  # the next model finds the device as this one did
         free_device_memory(device)
+
+
+def check_max_length(specs: list[ModelSpec], max_length: int) -> None:
+    for spec in specs:
+        if spec.max_len is not None and max_length > spec.max_len:
+            raise UserError(f"--max-length {max_length} exceeds the longest sequence {spec.label} is meant for "
+                            f"({spec.max_len}); choose --max-length <= {spec.max_len}")
 
 
 def request_tokens(tasks: list, tokenizer, limit: int | None, sample: int = 256) -> int:

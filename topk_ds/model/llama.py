@@ -70,8 +70,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, d
     low, high = max(low, 0), min(high, head_dim - 1)
     high = high + 0.001 if high == low else high
     extrapolated = 1 - ((torch.arange(head_dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
-    pos_freqs = theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolated) + (1.0 / pos_freqs) * extrapolated
+    inv_freq = (1.0 / (factor * theta**exponents)) * (1 - extrapolated) + inv_freq * extrapolated
     return inv_freq, attention_factor
 
 
@@ -122,8 +121,8 @@ class Attention(nn.Module):
         k, v = cache.update(k, v, self.layer_id)
         T, S = q.shape[2], k.shape[2]
         gqa = self.n_kv_heads != self.n_heads
-        if S == T:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if S == T:  # never self.attend: a sequence-parallel one has no place in generation
+            out = causal_attention(q, k, v)
         elif T == 1:
             out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:  # several new tokens after a cached prefix: causal with an offset
@@ -164,7 +163,7 @@ class Block(nn.Module):
         return self.act(h + self.feed_forward(self.ffn_norm(h)))
 
 
-def _no_gather(params):
+def no_gather(params):
     return contextlib.nullcontext()
 
 
@@ -227,7 +226,7 @@ class Transformer(nn.Module):
             m.alpha = alpha
 
     @torch.no_grad()
-    def init_weights(self, gather=_no_gather) -> None:
+    def init_weights(self, gather=no_gather) -> None:
         """Normal(0, init_std) inputs, output projections (wo, w2) scaled by 1/sqrt(2L), unit norms.
         `gather(params)` is a context that makes sharded parameters whole (ZeRO-3) while they are set."""
         std = self.cfg.init_std

@@ -27,7 +27,7 @@ import torch
 from ..config import Config, load_config, resume_changes
 from ..errors import UserError
 from ..io import sha256_file, write_json
-from .distributed import SharedError, all_gather, barrier, rank, together, world_size
+from .distributed import SharedError, all_gather, barrier, from_rank0, rank, together, world_size
 
 MARKER = "complete.json"
 _TAG = re.compile(r"^global_step(\d+)$")
@@ -177,8 +177,7 @@ class Checkpointer:
                     barrier()  # the other ranks wait in the barrier that ends DeepSpeed's save
                     raise
             # every rank's shards are on disk now (together() synchronised): list and hash them
-            names = all_gather(sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
-                               if rank() == 0 else None)[0]
+            names = from_rank0(lambda: sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()))
             with together():
                 mine = {n: {"size": (path / n).stat().st_size,
                             "sha256": file_sha256(path / n) if checksums_enabled() else None}
@@ -213,7 +212,7 @@ class Checkpointer:
     def resolve(self, resume: str) -> Path | None:
         """--resume auto|none|PATH -> the checkpoint directory to load, or None to start fresh. Every rank
         gets the same answer (rank 0's listing, checks shared out)."""
-        tags = all_gather(tags_by_step(self.dir) if rank() == 0 else None)[0]
+        tags = from_rank0(lambda: tags_by_step(self.dir))
         if resume == "none":
             if tags:
                 raise SharedError(f"{self.dir} already holds checkpoints; pass --resume auto to continue "

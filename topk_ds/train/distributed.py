@@ -72,6 +72,14 @@ def barrier() -> None:
 _host_group = None
 
 
+def close_process_group() -> None:
+    """Destroy the process group and forget the groups made in it."""
+    global _host_group
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _host_group = None
+
+
 def host_group():
     """A gloo group for small Python objects: the default NCCL group would need every rank's device
     set, which DeepSpeed does only once the engine is built (after the start-up checks)."""
@@ -90,6 +98,11 @@ def all_gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj, group=host_group())
     return out
+
+
+def from_rank0(make):
+    """make() as rank 0 computes it, on every rank (the others do not call it)."""
+    return all_gather(make() if rank() == 0 else None)[0]
 
 
 class SharedError(UserError):

@@ -6,7 +6,6 @@ optimizer, LR schedule, clipping, precision and monitors come from our config an
 here; a JSON that sets one of them differently is an error, so there is one source of truth.
 """
 
-import contextlib
 import difflib
 import json
 import math
@@ -25,9 +24,9 @@ from pydantic import ValidationError
 from ..config import Config
 from ..errors import UserError
 from ..model import Transformer
-from ..model.llama import causal_attention
+from ..model.llama import causal_attention, no_gather
 from ..model.topk import alpha as alpha_at
-from .distributed import SharedError
+from .distributed import SharedError, close_process_group
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _OURS = {"optimizer": "train.lr/betas/weight_decay", "scheduler": "train.lr/warmup_ratio/min_lr_ratio",
@@ -44,8 +43,7 @@ def shutdown_distributed() -> None:
     then abort the process ("terminate called without an active exception"). DeepSpeed keeps groups made
     in the closed one (its clone of the world group, a sequence-parallel mpu); they are forgotten, so a later
     run in the same process (a notebook, the tests) makes its own."""
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    close_process_group()
     from deepspeed.runtime.sequence_parallel import parallel_state_sp
     from deepspeed.utils import groups
 
@@ -343,11 +341,11 @@ class Engine:
         torch.manual_seed(cfg.train.seed)
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, mpu=mpu, enabled=stage == 3):
             model = Transformer(cfg.model, cfg.topk)
-        gather = (lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)) if stage == 3 else None
+        gather = (lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)) if stage == 3 else no_gather
         if stage == 3:  # the parameters are sharded now: make each block whole while it is initialised
             model.init_weights(gather=gather)
         if weights is not None:  # a warm start: before the optimizer copies the parameters
-            load_weights(model, weights, gather or (lambda params: contextlib.nullcontext()))
+            load_weights(model, weights, gather)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         if mpu is not None:
             self.sp_group, self.sp_rank = mpu.get_sequence_parallel_group(), mpu.get_sequence_parallel_rank()
@@ -380,19 +378,17 @@ class Engine:
         start = self.sp_rank * T
         return self.engine(inputs[:, start:start + T], targets[:, start:start + T], start=start) / self.sp
 
-    def _whole(self, share: torch.Tensor) -> torch.Tensor:
-        """The loss of the whole sequences, from this rank's share (the same on every rank of a group)."""
-        share = share.detach().float()
-        if self.sp > 1:
-            torch.distributed.all_reduce(share, group=self.sp_group)
-        return share
+    def _reported(self, share: torch.Tensor) -> torch.Tensor:
+        """This rank's loss with sequence parallelism undone: its mean over all ranks (the loop's
+        mean_over_ranks) is the mean loss of the whole sequences, with no collective of its own."""
+        return share.detach().float() * self.sp
 
     def micro_step(self, batch: torch.Tensor) -> torch.Tensor:
         """Forward, backward and (at the accumulation boundary) the optimizer step of one micro-batch."""
         loss = self._loss(batch)
         self.engine.backward(loss)
         self.engine.step()
-        return self._whole(loss)
+        return self._reported(loss)
 
     @property
     def lr(self) -> float:
@@ -407,7 +403,7 @@ class Engine:
     @torch.no_grad()
     def eval_loss(self, batches) -> torch.Tensor:
         self.engine.eval()
-        losses = [self._whole(self._loss(b)) for b in batches]
+        losses = [self._reported(self._loss(b)) for b in batches]
         self.engine.train()
         return torch.stack(losses).mean()
 

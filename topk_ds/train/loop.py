@@ -35,10 +35,10 @@ def open_data(cfg: Config) -> tuple[TokenWindows, TokenWindows | None]:
     return train, val
 
 
-def validation_batches(val: TokenWindows, cfg: Config) -> list[torch.Tensor]:
+def validation_batches(val: TokenWindows, cfg: Config, dp: tuple[int, int]) -> list[torch.Tensor]:
     """The same windows at every validation; each rank takes an equal, disjoint share (ZeRO-3 needs
     every rank to run the same number of forwards)."""
-    micro, (dp_rank, world) = cfg.train.micro_batch, data_parallel(cfg.train.sequence_parallel)
+    micro, (dp_rank, world) = cfg.train.micro_batch, dp
     per_rank = min(cfg.train.eval_batches, len(val) // (micro * world))
     if per_rank == 0:
         raise UserError(f"the validation split has {len(val)} windows, fewer than {micro * world} "
@@ -81,7 +81,7 @@ def _train(cfg: Config, resume: str, dp: tuple[int, int]) -> Path:
     (dp_rank, dp_world), run_dir = dp, Path(cfg.train.out_dir)
     with together():
         data, val = open_data(cfg)
-        val_batches = validation_batches(val, cfg) if val is not None else None
+        val_batches = validation_batches(val, cfg, dp) if val is not None else None
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dp_world
     say = print if rank() == 0 else lambda message: None
     # held for the whole run: the directory's lock, and signals (one during start-up is honoured after the first step)
@@ -118,7 +118,7 @@ def _train(cfg: Config, resume: str, dp: tuple[int, int]) -> Path:
                 started, lr = time.perf_counter(), engine.lr
                 batches, sampler_state = prefetch.next_step()
                 losses = [engine.micro_step(batch) for batch in batches]
-                loss = mean_over_ranks(torch.stack(losses).float().mean()).item()
+                loss = mean_over_ranks(torch.stack(losses).mean()).item()
                 report = engine.step_report()
                 step_time = time.perf_counter() - started
                 state.step, state.tokens = engine.step, state.tokens + global_batch * cfg.data.seq_len

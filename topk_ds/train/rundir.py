@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import UserError, describe_os_error
 from ..io import check_output
-from .distributed import agree, all_gather, rank
+from .distributed import agree, from_rank0, rank
 
 LOCK = ".lock"
 _SEE_TRIES = 10  # another node's filesystem client may lag a moment behind rank 0's write
@@ -36,7 +36,7 @@ class RunDirectory:
     def __enter__(self) -> "RunDirectory":
         try:
             agree(self._claim() if rank() == 0 else None)
-            nonce = all_gather(self._nonce if rank() == 0 else None)[0]
+            nonce = from_rank0(lambda: self._nonce)
             agree(self._sees(nonce))
         except BaseException:
             self._release(failed=True)
